@@ -1,0 +1,1 @@
+"""Converters from QAT checkpoint formats to MLX."""

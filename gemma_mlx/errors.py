@@ -1,0 +1,17 @@
+"""Errors a user can act on. The CLI prints their message on one line and exits with status 2."""
+
+
+class GemmaMLXError(Exception):
+    """Base class: the message names the file, tensor, key or option at fault."""
+
+
+class ConfigError(GemmaMLXError, ValueError):
+    """A config.json that cannot describe a supported model."""
+
+
+class WeightsError(GemmaMLXError, ValueError):
+    """Missing, truncated or mis-shaped weight files."""
+
+
+class ModelTooLargeError(GemmaMLXError, MemoryError):
+    """The model would not fit in this machine's memory."""

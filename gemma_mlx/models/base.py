@@ -26,10 +26,10 @@ def read(config: dict[str, Any], key: str, kind: type | tuple[type, ...], defaul
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if isinstance(value, bool) and kind in (int, float):
-        raise ConfigError(f"config.json: '{key}' must be a {kind.__name__}, got {value!r}")
+        raise ConfigError(f"config.json: '{key}' must be {kind.__name__}, got {value!r}")
     if not isinstance(value, kind):
         names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-        raise ConfigError(f"config.json: '{key}' must be a {names}, got {value!r}")
+        raise ConfigError(f"config.json: '{key}' must be {names}, got {value!r}")
     return value
 
 

@@ -216,16 +216,10 @@ def _quantized_dense_bytes(model: nn.Module, dtype: mx.Dtype) -> int:
     return total
 
 
-def load_model(
-    path: str | Path, dtype: mx.Dtype | str | None = None, dequantize: bool | None = None
-) -> nn.Module:
-    """Build the model of `path` (a directory with config.json and safetensors) with its weights.
-
-    `dtype`: compute dtype (default: float32 on CPU, the checkpoint's elsewhere).
-    `dequantize`: expand quantized matrices to dense `dtype` (default: on the CPU backend, when the
-    dense model takes under half of the memory).
-    """
-    model_dir = Path(path)
+def build_and_check(model_dir: Path) -> tuple[nn.Module, dict[str, Any], dict[str, mx.array]]:
+    """The model of `model_dir` (parameters not yet loaded) and its memory-mapped weights, after
+    checking that every tensor is present with the shape config.json implies. Reads no weight data,
+    so the converter uses it to verify an output directory before moving it into place."""
     if not model_dir.is_dir():
         raise WeightsError(f"{model_dir}: model directory not found")
     config = read_config(model_dir)
@@ -239,7 +233,20 @@ def load_model(
     weights = model.sanitize(weights)
     apply_quantization(model, config, weights)
     check_names_and_shapes(model, weights, origin, model_dir)
+    return model, config, weights
 
+
+def load_model(
+    path: str | Path, dtype: mx.Dtype | str | None = None, dequantize: bool | None = None
+) -> nn.Module:
+    """Build the model of `path` (a directory with config.json and safetensors) with its weights.
+
+    `dtype`: compute dtype (default: float32 on CPU, the checkpoint's elsewhere).
+    `dequantize`: expand quantized matrices to dense `dtype` (default: on the CPU backend, when the
+    dense model takes under half of the memory).
+    """
+    model_dir = Path(path)
+    model, config, weights = build_and_check(model_dir)
     dtype = compute_dtype(config, dtype)
     final = {
         name: value.astype(dtype) if mx.issubdtype(value.dtype, mx.floating) else value

@@ -1,0 +1,424 @@
+"""Reading a Gemma GGUF file: tensor names, config.json from the metadata, tokenizer files.
+
+Tensors are memory-mapped by gguf-py's reader and converted one at a time by `convert.tensors`.
+Names and metadata keys follow llama.cpp's Gemma 3 / Gemma 4 converters (see
+shared/reference/gemma4-architecture.md section 6).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gemma_mlx.convert.mlx_format import QuantizedTensor
+from gemma_mlx.convert.pipeline import Job, Plan, check_against_config, lazy_model
+from gemma_mlx.convert.tensors import Converted, TensorRecord, gguf_tensor
+from gguf import GGUFReader, ReaderTensor
+
+from gemma_mlx.errors import ConfigError, GemmaMLXError, WeightsError
+
+SUPPORTED_ARCHITECTURES = ("gemma3", "gemma4")
+
+# GGUF tensor name (without `.weight`) -> our module path; `{i}` is the layer index.
+GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "per_layer_token_embd": "model.embed_tokens_per_layer",
+    "per_layer_model_proj": "model.per_layer_model_projection",
+    "per_layer_proj_norm": "model.per_layer_projection_norm",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    "pre_ffw_norm_2": "pre_feedforward_layernorm_2",
+    "post_ffw_norm_1": "post_feedforward_layernorm_1",
+    "post_ffw_norm_2": "post_feedforward_layernorm_2",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "router.proj",
+    "ffn_gate_inp.scale": "router.scale",
+    "ffn_down_exps.scale": "router.per_expert_scale",
+    "ffn_gate_exps": "experts.switch_glu.gate_proj",
+    "ffn_up_exps": "experts.switch_glu.up_proj",
+    "ffn_down_exps": "experts.switch_glu.down_proj",
+    "ffn_gate_up_exps": "experts.switch_glu.gate_up_proj",  # fused: split into gate and up
+    "layer_output_scale": "layer_scalar",
+    "inp_gate": "per_layer_input_gate",
+    "proj": "per_layer_projection",
+    "post_norm": "post_per_layer_input_norm",
+}
+# Tensors llama.cpp generates for its own use; their content is read into config.json instead.
+GENERATED = {"rope_freqs.weight"}
+# Gemma 1-3 GGUFs store RMSNorm weights as (1 + w): llama.cpp adds the 1 at conversion.
+NORM_SHIFT = {"gemma3": 1.0, "gemma4": 0.0}
+# Chat turn terminators that also end generation when a chat template is present.
+TURN_END_TOKENS = ("<end_of_turn>", "<turn|>")
+# Not in Gemma 3 GGUF metadata: llama.cpp hard-codes them (llama-model.cpp).
+GEMMA3_LOCAL_ROPE_BASE = 10000.0
+GEMMA3_SLIDING_PATTERN = 6
+
+_LAYER = re.compile(r"^blk\.(\d+)\.(.+?)(\.weight)?$")
+
+
+@dataclass
+class SourceTensor:
+    name: str  # our parameter name
+    tensor: ReaderTensor
+    norm_shift: float = 0.0
+
+
+def open_gguf(path: Path) -> GGUFReader:
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such file")
+    try:
+        return GGUFReader(path)
+    except Exception as e:  # gguf-py raises ValueError/IndexError/struct errors on damage
+        raise WeightsError(
+            f"{path}: not a readable GGUF file ({e or type(e).__name__}); the file may be "
+            "truncated or damaged: download it again"
+        ) from e
+
+
+class GGUFSource:
+    """One GGUF file: its architecture, metadata and tensors, named the way our models name them."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.reader = open_gguf(self.path)
+        self.arch = self.field("general.architecture")
+        if self.arch not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"{self.path}: general.architecture = {self.arch!r} is not supported "
+                f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            )
+        self.by_name = {t.name: t for t in self.reader.tensors}
+
+    def field(self, key: str, default: Any = ...) -> Any:
+        field = self.reader.get_field(key)
+        if field is None:
+            if default is ...:
+                raise ConfigError(f"{self.path}: metadata key '{key}' is missing")
+            return default
+        value = field.contents()
+        return value.tolist() if isinstance(value, np.ndarray) else value
+
+    def arch_field(self, key: str, default: Any = ...) -> Any:
+        return self.field(f"{self.arch}.{key}", default)
+
+    def tensors(self) -> Iterator[SourceTensor]:
+        shift = NORM_SHIFT[self.arch]
+        for tensor in self.reader.tensors:
+            if tensor.name in GENERATED:
+                continue
+            name = self.module_path(tensor.name) + ".weight"
+            if name.endswith(("layer_scalar.weight", ".scale.weight", "per_expert_scale.weight")):
+                name = name.removesuffix(".weight")
+            is_norm = name.endswith("norm.weight")
+            yield SourceTensor(name, tensor, shift if is_norm else 0.0)
+
+    def module_path(self, gguf_name: str) -> str:
+        base = gguf_name.removesuffix(".weight")
+        if base in GLOBAL_NAMES:
+            return GLOBAL_NAMES[base]
+        match = _LAYER.match(gguf_name)
+        if match and match.group(2) in LAYER_NAMES:
+            return f"model.layers.{match.group(1)}.{LAYER_NAMES[match.group(2)]}"
+        raise WeightsError(f"{self.path}: tensor '{gguf_name}' is not part of a {self.arch} model")
+
+    def rows(self, gguf_name: str) -> int:
+        return int(self.by_name[gguf_name].shape[-1])
+
+    def has(self, gguf_name: str) -> bool:
+        return gguf_name in self.by_name
+
+    # config.json ----------------------------------------------------------------------------
+
+    def config(self) -> dict[str, Any]:
+        common = self._common_config()
+        extra = self._gemma3_config() if self.arch == "gemma3" else self._gemma4_config()
+        return common | extra
+
+    def _common_config(self) -> dict[str, Any]:
+        n_layers = int(self.arch_field("block_count"))
+        config = {
+            "hidden_size": int(self.arch_field("embedding_length")),
+            "num_hidden_layers": n_layers,
+            "num_attention_heads": _single(self.arch_field("attention.head_count"), "head_count"),
+            "rms_norm_eps": float(self.arch_field("attention.layer_norm_rms_epsilon")),
+            "sliding_window": int(self.arch_field("attention.sliding_window")),
+            "max_position_embeddings": int(self.arch_field("context_length")),
+            "vocab_size": self.rows("token_embd.weight"),
+            "tie_word_embeddings": not self.has("output.weight"),
+            "hidden_activation": "gelu_pytorch_tanh",
+            "final_logit_softcapping": self.arch_field("final_logit_softcapping", None),
+            # llama.cpp multiplies by sqrt(hidden) in float32, unrounded.
+            "embed_scale_dtype": "float32",
+            "torch_dtype": "bfloat16",
+        }
+        for key in ("bos", "eos", "padding"):
+            token = self.field(f"tokenizer.ggml.{key}_token_id", None)
+            if token is not None:
+                config[f"{'pad' if key == 'padding' else key}_token_id"] = int(token)
+        return config
+
+    def _gemma3_config(self) -> dict[str, Any]:
+        n_layers = int(self.arch_field("block_count"))
+        hidden = int(self.arch_field("embedding_length"))
+        heads = _single(self.arch_field("attention.head_count"), "head_count")
+        head_dim = int(self.arch_field("attention.key_length"))
+        pattern = GEMMA3_SLIDING_PATTERN
+        layer_types = [
+            "full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+            for i in range(n_layers)
+        ]
+        rope_scaling = None
+        factor = self.arch_field("rope.scaling.factor", None)
+        if factor is not None:
+            rope_scaling = {"rope_type": "linear", "factor": float(factor)}
+        return {
+            "model_type": "gemma3_text",
+            "architectures": ["Gemma3ForCausalLM"],
+            "intermediate_size": _single(
+                self.arch_field("feed_forward_length"), "feed_forward_length"
+            ),
+            "num_key_value_heads": _single(
+                self.arch_field("attention.head_count_kv"), "head_count_kv"
+            ),
+            "head_dim": head_dim,
+            # llama.cpp: 1/sqrt(head_dim), except Gemma 3 27B (62 layers): 1/sqrt(hidden/heads).
+            "query_pre_attn_scalar": hidden // heads if n_layers == 62 else head_dim,
+            "rope_theta": float(self.arch_field("rope.freq_base")),
+            "rope_local_base_freq": GEMMA3_LOCAL_ROPE_BASE,
+            "rope_scaling": rope_scaling,
+            "sliding_window_pattern": pattern,
+            "layer_types": layer_types,
+            "attn_logit_softcapping": None,
+        }
+
+    def _gemma4_config(self) -> dict[str, Any]:
+        n_layers = int(self.arch_field("block_count"))
+        sliding = self.arch_field("attention.sliding_window_pattern")
+        if len(sliding) != n_layers:
+            raise ConfigError(
+                f"{self.path}: gemma4.attention.sliding_window_pattern has {len(sliding)} entries "
+                f"for {n_layers} layers"
+            )
+        layer_types = ["sliding_attention" if s else "full_attention" for s in sliding]
+        full = [i for i, s in enumerate(sliding) if not s]
+        shared = int(self.arch_field("attention.shared_kv_layers", 0))
+        ffn = _per_layer(self.arch_field("feed_forward_length"), n_layers)
+        double_wide = len(set(ffn)) > 1
+        if double_wide and any(ffn[i] != 2 * ffn[0] for i in range(n_layers - shared, n_layers)):
+            raise ConfigError(
+                f"{self.path}: gemma4.feed_forward_length varies per layer in a way "
+                "that is not Gemma 4's double-wide MLP"
+            )
+        kv = _per_layer(self.arch_field("attention.head_count_kv"), n_layers)
+        sliding_kv = {kv[i] for i, s in enumerate(sliding) if s}
+        full_kv = {kv[i] for i in full}
+        k_eq_v = not self.has(f"blk.{full[0]}.attn_v.weight")
+        if full_kv != sliding_kv and not k_eq_v:
+            raise ConfigError(
+                f"{self.path}: gemma4.attention.head_count_kv differs between sliding "
+                "and full layers, which only k_eq_v models (no attn_v) support"
+            )
+        config = {
+            "model_type": "gemma4_text",
+            "architectures": ["Gemma4ForCausalLM"],
+            "intermediate_size": ffn[0],
+            "use_double_wide_mlp": double_wide,
+            "num_key_value_heads": _single(sorted(sliding_kv or full_kv), "head_count_kv"),
+            "num_global_key_value_heads": _single(sorted(full_kv), "head_count_kv")
+            if k_eq_v and full_kv != sliding_kv
+            else None,
+            "attention_k_eq_v": k_eq_v,
+            "head_dim": int(self.arch_field("attention.key_length_swa")),
+            "global_head_dim": int(self.arch_field("attention.key_length")),
+            "layer_types": layer_types,
+            "rope_parameters": {
+                "sliding_attention": {
+                    "rope_type": "default",
+                    "rope_theta": float(self.arch_field("rope.freq_base_swa")),
+                },
+                "full_attention": self._full_rope(),
+            },
+            "num_kv_shared_layers": shared,
+            "hidden_size_per_layer_input": int(
+                self.arch_field("embedding_length_per_layer_input", 0)
+            ),
+            "vocab_size_per_layer_input": self.rows("per_layer_token_embd.weight")
+            if self.has("per_layer_token_embd.weight")
+            else 0,
+        }
+        experts = int(self.arch_field("expert_count", 0))
+        config["enable_moe_block"] = experts > 0
+        if experts:
+            config |= {
+                "num_experts": experts,
+                "top_k_experts": int(self.arch_field("expert_used_count")),
+                "moe_intermediate_size": int(self.arch_field("expert_feed_forward_length")),
+            }
+        return config
+
+    def _full_rope(self) -> dict[str, Any]:
+        """Full layers' RoPE: llama.cpp encodes proportional RoPE as `rope_freqs` factors of 1
+        (rotated pairs) and a huge value (pairs left unrotated)."""
+        rope = {"rope_type": "default", "rope_theta": float(self.arch_field("rope.freq_base"))}
+        if not self.has("rope_freqs.weight"):
+            return rope
+        factors = np.asarray(self.by_name["rope_freqs.weight"].data, dtype=np.float64)
+        rotated = int((factors == 1.0).sum())
+        if (
+            rotated == 0
+            or not np.all(factors[rotated:] > 1e6)
+            or not np.all(factors[:rotated] == 1)
+        ):
+            raise ConfigError(
+                f"{self.path}: rope_freqs is not a proportional-RoPE pattern (ones, then huge "
+                "values); this RoPE variant is not supported"
+            )
+        return rope | {"rope_type": "proportional", "partial_rotary_factor": rotated / factors.size}
+
+    # tokenizer -------------------------------------------------------------------------------
+
+    def chat_template(self) -> str | None:
+        return self.field("tokenizer.chat_template", None)
+
+    def eos_token_ids(self) -> list[int]:
+        """The end-of-sequence id, plus the chat turn terminator when there is a chat template."""
+        ids = [int(self.field("tokenizer.ggml.eos_token_id"))]
+        if self.chat_template():
+            tokens = self.reader.get_field("tokenizer.ggml.tokens")
+            vocab = {str(tokens.contents(i)): i for i in range(len(tokens.data))}
+            ids += [vocab[t] for t in TURN_END_TOKENS if t in vocab and vocab[t] not in ids]
+        return ids
+
+
+def _single(value: Any, key: str) -> int:
+    """A metadata value that must be one number (a per-layer array must be uniform)."""
+    values = set(value) if isinstance(value, list) else {value}
+    if len(values) != 1:
+        raise ConfigError(
+            f"GGUF metadata '{key}' = {value} varies per layer where one value is expected"
+        )
+    return int(values.pop())
+
+
+def _per_layer(value: Any, n_layers: int) -> list[int]:
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)] * n_layers
+
+
+# plan ------------------------------------------------------------------------------------------
+
+
+def tensor_nbytes(tensor: ReaderTensor) -> int:
+    return int(tensor.n_bytes)
+
+
+def gguf_plan(
+    path: Path, k_scale_dtype: str = "float32", requant_bits: int = 8, dequantize: bool = False
+) -> Plan:
+    """The conversion of a GGUF file: exact types keep their grid (see `convert.blocks`)."""
+    source = GGUFSource(path)
+    config = source.config()
+    wanted = _model_parameter_names(config, [t.name for t in source.tensors()])
+
+    def job(item: SourceTensor) -> Job:
+        def run() -> list[tuple[str, Converted, TensorRecord]]:
+            t = item.tensor
+            try:
+                converted, record = gguf_tensor(
+                    item.name,
+                    t.tensor_type,
+                    t.data,
+                    int(t.shape[0]),
+                    norm_shift=item.norm_shift,
+                    k_scale_dtype=k_scale_dtype,
+                    requant_bits=requant_bits,
+                    dequantize_all=dequantize,
+                )
+            except GemmaMLXError as e:
+                raise WeightsError(f"{source.path}: {e}") from e
+            if not item.name.endswith("gate_up_proj.weight"):
+                return [(item.name, converted, record)]
+            return _split_gate_up(item.name, converted, record)
+
+        return Job(item.tensor.name, tensor_nbytes(item.tensor), run)
+
+    def write_extra_files(out_dir: Path) -> None:
+        write_tokenizer(source, out_dir)
+
+    eos = source.eos_token_ids()
+    generation = {"bos_token_id": config.get("bos_token_id"), "eos_token_id": eos}
+    if "pad_token_id" in config:
+        generation["pad_token_id"] = config["pad_token_id"]
+    config["eos_token_id"] = eos if len(eos) > 1 else eos[0]
+    items = [t for t in source.tensors() if t.name in wanted or "gate_up_proj" in t.name]
+    check_against_config(config, dict(_output_shapes(items)), {}, source.path)
+    jobs = [job(t) for t in items]
+    return Plan("gguf", config, jobs, write_extra_files, generation)
+
+
+def _model_parameter_names(config: dict[str, Any], names: list[str]) -> set[str]:
+    """The names the model's own `sanitize` keeps (it drops, e.g., KV-shared layers' K/V)."""
+    import mlx.core as mx
+
+    placeholder = mx.zeros((0,))
+    return set(lazy_model(config).sanitize(dict.fromkeys(names, placeholder)))
+
+
+def _output_shapes(items: list[SourceTensor]):
+    """(name, row-major shape) of every output tensor, before quantization."""
+    for item in items:
+        shape = tuple(int(n) for n in reversed(item.tensor.shape))
+        if item.name.endswith("gate_up_proj.weight"):
+            half = (*shape[:-2], shape[-2] // 2, shape[-1])
+            yield item.name.replace("gate_up_proj", "gate_proj"), half
+            yield item.name.replace("gate_up_proj", "up_proj"), half
+        else:
+            yield item.name, shape
+
+
+def _split_gate_up(
+    name: str, converted: Converted, record: TensorRecord
+) -> list[tuple[str, Converted, TensorRecord]]:
+    """llama.cpp fuses the experts' gate and up projections; our modules keep them apart."""
+    value = converted.value
+    halves = (
+        value.split_rows(2) if isinstance(value, QuantizedTensor) else np.split(value, 2, axis=-2)
+    )
+    out = []
+    for part, half in zip(("gate_proj", "up_proj"), halves, strict=True):
+        shape = (*record.shape[:-2], record.shape[-2] // 2, record.shape[-1])
+        out.append(
+            (name.replace("gate_up_proj", part), Converted(half), replace(record, shape=shape))
+        )
+    return out
+
+
+def write_tokenizer(source: GGUFSource, out_dir: Path) -> None:
+    """Hugging Face tokenizer files rebuilt from the GGUF vocabulary (transformers' GGUF reader),
+    which tokenize exactly as llama.cpp does; plus the chat template when the file has one."""
+    from transformers import (
+        GemmaTokenizer,
+    )  # not AutoTokenizer: it would parse the model config too
+
+    tokenizer = GemmaTokenizer.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
+    tokenizer.save_pretrained(str(out_dir))
+    template = source.chat_template()
+    if template:
+        (out_dir / "chat_template.jinja").write_text(template)

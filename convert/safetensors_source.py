@@ -1,0 +1,232 @@
+"""Hugging Face safetensors sources: compressed-tensors `pack-quantized` int4, and unquantized
+(QAT) checkpoints quantized here with the Q4_0 recipe they were trained for.
+
+Tensor names go through the model's own `sanitize` (prefixes, towers, fused experts), so the output
+holds exactly our (and mlx-lm's) parameter names.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from gemma_mlx.convert.mlx_format import (
+    QuantizedTensor,
+    compact,
+    dequantize,
+    quantize_affine,
+    quantize_q4_0,
+)
+from gemma_mlx.convert.pipeline import Job, Plan, check_against_config, lazy_model
+from gemma_mlx.convert.tensors import (
+    Converted,
+    ErrorMeter,
+    TensorRecord,
+    make_record,
+    quantize_rows,
+)
+
+from gemma_mlx.errors import ConfigError, WeightsError
+from gemma_mlx.loading import read_config, read_weights, weight_files
+
+# Kept in the source precision by default, as in Google's QAT releases: embeddings, router, head.
+DEFAULT_KEEP = (r"embed_tokens", r"lm_head", r"\.router\.")
+RECIPES = ("q4_0", "affine")
+SIDE_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "chat_template.jinja", "chat_template.json", "generation_config.json",
+)  # fmt: skip
+CT_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+
+
+def detect_format(config: dict[str, Any], path: Path) -> str:
+    if "quantization" in config:
+        raise ConfigError(
+            f"{path / 'config.json'} has a 'quantization' section: this is already an MLX model, "
+            "load it directly"
+        )
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    if method is None:
+        return "safetensors"
+    if method == "compressed-tensors":
+        return "compressed-tensors"
+    raise ConfigError(
+        f"{path / 'config.json'}: quantization_config.quant_method = {method!r} is not supported"
+    )
+
+
+def text_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The flat text config our converted directories carry (multimodal wrappers unwrapped)."""
+    text = dict(config.get("text_config") or config)
+    for key in (
+        "quantization_config",
+        "quantization",
+        "text_config",
+        "vision_config",
+        "audio_config",
+    ):
+        text.pop(key, None)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype"):
+        if key in config and key not in text:
+            text[key] = config[key]
+    return text
+
+
+def ct_scheme(config: dict[str, Any], path: Path) -> tuple[int, bool]:
+    """(group size, symmetric) of a compressed-tensors W4A16 `pack-quantized` config."""
+    qc = config["quantization_config"]
+    if qc.get("format") != "pack-quantized":
+        raise ConfigError(
+            f"{path}: compressed-tensors format {qc.get('format')!r} is not supported "
+            "(only 'pack-quantized')"
+        )
+    groups = list((qc.get("config_groups") or {}).values())
+    schemes = {
+        (
+            g["weights"]["num_bits"],
+            g["weights"].get("strategy"),
+            g["weights"].get("group_size"),
+            g["weights"].get("symmetric", True),
+        )
+        for g in groups
+    }
+    if len(schemes) != 1:
+        raise ConfigError(
+            f"{path}: quantization_config has {len(schemes)} weight schemes; one is supported"
+        )
+    bits, strategy, group_size, symmetric = schemes.pop()
+    if bits != 4 or strategy != "group" or group_size not in (32, 64, 128):
+        raise ConfigError(
+            f"{path}: compressed-tensors weights num_bits={bits}, strategy={strategy!r}, "
+            f"group_size={group_size} are not supported (int4, 'group', 32/64/128)"
+        )
+    return group_size, symmetric
+
+
+def unpack_int4_rows(packed: np.ndarray, rows: int) -> np.ndarray:
+    """compressed-tensors packs a zero point along dim 0: 8 nibbles per int32, LSB first."""
+    nibbles = np.stack([(packed.view(np.uint32) >> (4 * i)) & 0xF for i in range(8)], axis=1)
+    return nibbles.reshape(-1, packed.shape[-1])[:rows].astype(np.int32) - 8
+
+
+def safetensors_plan(
+    path: Path,
+    recipe: str = "q4_0",
+    group_size: int = 32,
+    keep: tuple[str, ...] = DEFAULT_KEEP,
+    quantize_drafter: bool = False,
+) -> Plan:
+    path = Path(path)
+    if recipe not in RECIPES:
+        raise ConfigError(f"--recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
+    config = read_config(path)
+    source_format = detect_format(config, path)
+    model = lazy_model(config)
+    files = weight_files(path)
+    weights, origin = read_weights(files)
+    weights = model.sanitize(weights)
+    check_against_config(
+        config, dict(_output_shapes(weights)), {}, files[0] if len(files) == 1 else path
+    )
+    drafter = "assistant" in str(config.get("model_type", ""))
+    quantize_floats = source_format == "safetensors" and (quantize_drafter or not drafter)
+    keep_patterns = [re.compile(k) for k in keep]
+    ct = ct_scheme(config, path) if source_format == "compressed-tensors" else None
+
+    def float_job(name: str) -> Job:
+        value = weights[name]
+        wanted = (
+            quantize_floats and name.endswith(".weight") and value.ndim in (2, 3)
+            and value.shape[-1] % group_size == 0
+            and not any(p.search(name) for p in keep_patterns)
+        )  # fmt: skip
+        dtype = str(value.dtype).split(".")[-1]
+
+        def run() -> list[tuple[str, Converted, TensorRecord]]:
+            if not wanted:
+                record = make_record(name, dtype, dtype, value.shape, value.nbytes, ErrorMeter())
+                return [(name, Converted(value), record)]
+            meter = ErrorMeter()
+            source = np.asarray(value.astype(mx.float32))
+            quantize = (
+                partial(quantize_q4_0, group_size=group_size)
+                if recipe == "q4_0"
+                else partial(quantize_affine, bits=4, group_size=group_size)
+            )
+            q = quantize_rows(source, lambda w: w, quantize, value.shape[-1], meter)
+            target = (
+                f"{'Q4_0 recipe' if recipe == 'q4_0' else 'min/max affine'} 4-bit g{group_size}"
+            )
+            return [
+                (name, Converted(q), make_record(name, dtype, target, value.shape, q.nbytes, meter))
+            ]
+
+        return Job(name, value.nbytes, run)
+
+    def ct_job(base: str) -> Job:
+        group, symmetric = ct
+        packed, scale = weights[f"{base}.weight_packed"], weights[f"{base}.weight_scale"]
+        zero = weights.get(f"{base}.weight_zero_point")
+        if zero is None and not symmetric:
+            raise WeightsError(
+                f"{origin.get(f'{base}.weight_packed', path)}: '{base}' is asymmetric but has no "
+                "weight_zero_point"
+            )
+
+        def run() -> list[tuple[str, Converted, TensorRecord]]:
+            p = np.asarray(packed).view(np.uint32)
+            s = np.asarray(scale.astype(mx.float32))
+            rows, columns = p.shape[0], p.shape[-1] * 8
+            if s.shape != (rows, columns // group):
+                raise WeightsError(
+                    f"{path}: '{base}.weight_scale' has shape {s.shape}, the packed weight implies "
+                    f"{(rows, columns // group)}"
+                )
+            zp = (
+                0.0 if zero is None else unpack_int4_rows(np.asarray(zero), rows).astype(np.float32)
+            )
+            q = QuantizedTensor(p, compact(s), compact(-(8 + zp) * s), 4, group)
+            # compressed-tensors' own dequantization, in float32: (nibble - 8 - zp) * scale.
+            nibbles = (p[..., None] >> (4 * np.arange(8, dtype=np.uint32))) & 0xF
+            expand = partial(np.repeat, repeats=group, axis=-1)
+            reference = (
+                nibbles.reshape(rows, columns) - 8.0 - expand(zp + np.zeros_like(s))
+            ) * expand(s)
+            meter = ErrorMeter()
+            meter.add(dequantize(q), reference)
+            source = f"compressed-tensors int4 g{group}{'' if zero is None else ' + zero point'}"
+            target = f"affine 4-bit g{group} ({np.dtype(q.scales.dtype).name} scales)"
+            record = make_record(f"{base}.weight", source, target, (rows, columns), q.nbytes, meter)
+            return [(f"{base}.weight", Converted(q), record)]
+
+        return Job(base, packed.nbytes + scale.nbytes, run)
+
+    jobs = []
+    for name in weights:
+        suffix = name.rsplit(".", 1)[-1]
+        if suffix in CT_SUFFIXES:
+            if suffix == "weight_packed":
+                jobs.append(ct_job(name.removesuffix(".weight_packed")))
+            continue
+        jobs.append(float_job(name))
+
+    def write_extra_files(out_dir: Path) -> None:
+        for side in SIDE_FILES:
+            if (path / side).is_file():
+                shutil.copy2(path / side, out_dir / side)
+
+    return Plan(source_format, text_config(config), jobs, write_extra_files)
+
+
+def _output_shapes(weights: dict[str, mx.array]):
+    """(name, unquantized shape) of every output tensor: a packed int4 weight unpacks 8 per int32."""
+    for name, value in weights.items():
+        if name.endswith(".weight_packed"):
+            yield name.removesuffix("_packed"), (*value.shape[:-1], value.shape[-1] * 8)
+        elif name.rsplit(".", 1)[-1] not in CT_SUFFIXES:
+            yield name, tuple(value.shape)

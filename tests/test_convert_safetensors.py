@@ -1,0 +1,164 @@
+"""compressed-tensors W4A16 and unquantized QAT checkpoints: exact conversion, and what min/max
+re-rounding (mlx-lm's `convert -q`) would lose."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from gemma_mlx.convert import convert
+from gemma_mlx.convert.mlx_format import dequantize, quantize_q4_0
+from hf_reference import VARIANTS, VOCAB, reference_logits, save_reference
+from safetensors.torch import load_file, save_file
+
+from gemma_mlx.loading import load_model
+
+PROMPT = np.random.default_rng(4).integers(4, VOCAB, 19).tolist()
+QUANTIZED = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.")
+
+
+def is_quantized_linear(name: str) -> bool:
+    return name.endswith(".weight") and any(part in name for part in QUANTIZED)
+
+
+def write_compressed_tensors(
+    directory, group_size: int, symmetric: bool
+) -> dict[str, torch.Tensor]:
+    """Quantize the checkpoint in `directory` with compressed-tensors' own quantizer and packer;
+    returns its own decompression of every quantized weight (float32), by name."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+    )
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    args = QuantizationArgs(
+        num_bits=4, type="int", symmetric=symmetric, strategy="group", group_size=group_size
+    )
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    path = next(directory.glob("*.safetensors"))
+    state = load_file(path)
+    out, decompressed = {}, {}
+    for name, weight in state.items():
+        if not is_quantized_linear(name):
+            out[name] = weight
+            continue
+        weight = weight.to(torch.bfloat16)  # as released: bf16 weights, so bf16 scales
+        groups = weight.float().reshape(weight.shape[0], -1, group_size)
+        scale, zero = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
+        module = {
+            "weight": weight,
+            "weight_scale": scale.to(weight.dtype),
+            "weight_zero_point": zero,
+        }
+        compressed = PackedQuantizationCompressor.compress(module, scheme)
+        base = name.removesuffix(".weight")
+        out |= {f"{base}.{key}": value for key, value in compressed.items()}
+        # Its own dequantization, carried out in float32 (in bf16 it would round (q - zp) * scale).
+        in_float32 = dict(compressed, weight_scale=compressed["weight_scale"].float())
+        decompressed[name] = PackedQuantizationCompressor.decompress(in_float32, scheme)["weight"]
+    path.unlink()
+    save_file(out, directory / "model.safetensors")
+    config = json.loads((directory / "config.json").read_text())
+    qc = QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized")
+    config["quantization_config"] = qc.model_dump(mode="json") | {
+        "quant_method": "compressed-tensors"
+    }
+    (directory / "config.json").write_text(json.dumps(config))
+    return decompressed
+
+
+def load_into(torch_model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    state = torch_model.state_dict()
+    for name, value in weights.items():
+        assert name in state, name
+        state[name] = value
+    torch_model.load_state_dict(state)
+
+
+@pytest.mark.parametrize("variant, symmetric", [("e2b", True), ("31b", False)])
+def test_compressed_tensors_is_exact(tmp_path, variant, symmetric):
+    torch_model = save_reference(VARIANTS[variant](), tmp_path / "ct")
+    expected_weights = write_compressed_tensors(tmp_path / "ct", 32, symmetric)
+    load_into(torch_model, expected_weights)
+
+    report = convert(tmp_path / "ct", tmp_path / "mlx", progress=False)
+    assert report.source_format == "compressed-tensors"
+    converted = [r for r in report.records if r.source.startswith("compressed-tensors")]
+    assert len(converted) == len(expected_weights) and all(r.exact for r in converted)
+
+    ours = mx.load(str(tmp_path / "mlx" / "model.safetensors"))
+    for name, expected in expected_weights.items():
+        short = name.replace("model.language_model.", "model.").removesuffix(".weight")
+        if f"{short}.scales" not in ours:  # a KV-shared layer's unused K/V: dropped by design
+            continue
+        w = mx.dequantize(
+            ours[f"{short}.weight"],
+            ours[f"{short}.scales"].astype(mx.float32),
+            ours[f"{short}.biases"].astype(mx.float32),
+            group_size=32,
+            bits=4,
+        )
+        np.testing.assert_array_equal(np.array(w), expected.numpy())
+
+    logits = np.array(load_model(tmp_path / "mlx")(mx.array([PROMPT]))[0])
+    reference = reference_logits(torch_model, PROMPT)
+    assert np.abs(logits[-1] - reference[-1]).max() <= 1e-4
+
+
+def test_qat_checkpoint_keeps_its_grid_where_mlx_lm_does_not(tmp_path):
+    """Weights on the Q4_0 grid (what QAT trains) convert with zero error; mlx-lm re-rounds them."""
+    torch_model = save_reference(VARIANTS["gemma3"](), tmp_path / "qat")
+    path = tmp_path / "qat" / "model.safetensors"
+    state = load_file(path)
+    for name, weight in state.items():
+        if is_quantized_linear(name):
+            on_grid = dequantize(quantize_q4_0(weight.float().numpy(), 32))
+            state[name] = torch.from_numpy(on_grid).to(weight.dtype)
+    save_file(state, path)
+    load_into(torch_model, {k: v.float() for k, v in state.items() if is_quantized_linear(k)})
+
+    report = convert(tmp_path / "qat", tmp_path / "ours", progress=False)
+    quantized = [r for r in report.records if "Q4_0 recipe" in r.target]
+    assert quantized and max(r.max_abs_error for r in quantized) == 0.0
+    ours = np.array(load_model(tmp_path / "ours")(mx.array([PROMPT]))[0])
+    reference = reference_logits(torch_model, PROMPT)
+    ours_error = np.abs(ours - reference).max()
+    assert ours_error <= 1e-3
+
+    from mlx_lm.convert import convert as mlx_lm_convert
+
+    mlx_lm_convert(
+        str(tmp_path / "qat"), str(tmp_path / "mlx_lm"), quantize=True, q_group_size=32, q_bits=4
+    )
+    theirs_weights = mx.load(str(tmp_path / "mlx_lm" / "model.safetensors"))
+    name = next(k for k in state if is_quantized_linear(k)).removesuffix(".weight")
+    theirs = mx.dequantize(
+        theirs_weights[f"{name}.weight"],
+        theirs_weights[f"{name}.scales"],
+        theirs_weights[f"{name}.biases"],
+        group_size=32,
+        bits=4,
+    )
+    weight_error = np.abs(
+        np.array(theirs.astype(mx.float32)) - state[f"{name}.weight"].float().numpy()
+    ).max()
+    print(
+        f"\nQAT grid: our max weight error 0, mlx_lm.convert -q {weight_error:.3g}; "
+        f"logit error vs transformers: ours {ours_error:.2g}"
+    )
+    assert weight_error > 1e-3
+
+
+def test_unquantized_affine_recipe_by_flag(tmp_path):
+    save_reference(VARIANTS["gemma3"](), tmp_path / "plain")
+    report = convert(tmp_path / "plain", tmp_path / "out", recipe="affine", progress=False)
+    quantized = [r for r in report.records if "min/max affine" in r.target]
+    assert quantized and all(0 < r.max_abs_error < 0.05 for r in quantized)
+    kept = {r.name for r in report.records if r.target == r.source}
+    assert "model.embed_tokens.weight" in kept

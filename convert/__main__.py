@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument(
-        "--shard-size-gb", type=float, default=1.0, help="maximum shard size (default 1)"
+        "--shard-size-gb", type=float, default=0.5, help="maximum shard size (default 0.5)"
     )
     gguf = p.add_argument_group("GGUF sources")
     gguf.add_argument(
@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="tensors kept in source precision (default: embeddings, lm_head, router)",
     )  # fmt: skip
     st.add_argument(
-        "--quantize-drafter", action="store_true", help="quantize MTP drafter checkpoints too"
+        "--quantize-drafter",
+        action="store_true",
+        help="quantize MTP drafter checkpoints to 8 bits (default: kept in source precision)",
     )
     return p
 

@@ -7,6 +7,7 @@ shared/reference/gemma4-architecture.md section 6).
 
 from __future__ import annotations
 
+import mmap
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -115,6 +116,13 @@ class GGUFSource:
             return default
         value = field.contents()
         return value.tolist() if isinstance(value, np.ndarray) else value
+
+    def release_pages(self) -> None:
+        """Drop the file pages read so far from our resident set (they stay in the page cache):
+        without this, RSS grows to the whole file's size as tensors are read."""
+        mapping = getattr(self.reader.data, "_mmap", None)
+        if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+            mapping.madvise(mmap.MADV_DONTNEED)
 
     def arch_field(self, key: str, default: Any = ...) -> Any:
         return self.field(f"{self.arch}.{key}", default)
@@ -353,6 +361,8 @@ def gguf_plan(
                 )
             except GemmaMLXError as e:
                 raise WeightsError(f"{source.path}: {e}") from e
+            finally:
+                source.release_pages()
             if not item.name.endswith("gate_up_proj.weight"):
                 return [(item.name, converted, record)]
             return _split_gate_up(item.name, converted, record)

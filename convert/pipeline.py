@@ -20,6 +20,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 from gemma_mlx.errors import GemmaMLXError
 
+CACHE_LIMIT_BYTES = 1 << 28
 # One unit of work: converts one source tensor into one or more output tensors.
 ConvertFn = Callable[[], list[tuple[str, Converted, TensorRecord]]]
 
@@ -145,10 +146,18 @@ def run_conversion(
     shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Report:
     """Build the plan, convert into a staging directory beside `out`, move it into place."""
-    plan = make_plan()
-    report = Report(source=str(source), source_format=plan.source_format, output=str(out))
-    with staged_output(Path(out), force=force) as staging:
-        write_plan(plan, staging, report, progress, shard_bytes)
+    start = time.perf_counter()
+    # MLX keeps freed buffers for reuse; a converter touches each tensor once, so that cache would
+    # only grow the resident set.
+    previous_cache_limit = mx.set_cache_limit(CACHE_LIMIT_BYTES)
+    try:
+        plan = make_plan()
+        report = Report(source=str(source), source_format=plan.source_format, output=str(out))
+        with staged_output(Path(out), force=force) as staging:
+            write_plan(plan, staging, report, progress, shard_bytes)
+    finally:
+        mx.set_cache_limit(previous_cache_limit)
+    report.seconds = time.perf_counter() - start
     if report_path is not None:
         report.save(report_path)
     return report

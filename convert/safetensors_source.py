@@ -37,6 +37,7 @@ from gemma_mlx.loading import read_config, read_weights, weight_files
 # Kept in the source precision by default, as in Google's QAT releases: embeddings, router, head.
 DEFAULT_KEEP = (r"embed_tokens", r"lm_head", r"\.router\.")
 RECIPES = ("q4_0", "affine")
+DRAFTER_BITS = 8
 SIDE_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "chat_template.jinja", "chat_template.json", "generation_config.json",
@@ -61,7 +62,10 @@ def detect_format(config: dict[str, Any], path: Path) -> str:
 
 
 def text_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The flat text config our converted directories carry (multimodal wrappers unwrapped)."""
+    """The flat text config our converted directories carry (multimodal wrappers unwrapped; an MTP
+    drafter's config stays whole: its top level holds the drafter's own fields)."""
+    if "assistant" in str(config.get("model_type", "")):
+        return {k: v for k, v in config.items() if k not in ("quantization_config", "quantization")}
     text = dict(config.get("text_config") or config)
     for key in (
         "quantization_config",
@@ -139,46 +143,52 @@ def safetensors_plan(
     ct = ct_scheme(config, path) if source_format == "compressed-tensors" else None
 
     def float_job(name: str) -> Job:
-        value = weights[name]
+        shape, nbytes, dtype = weights[name].shape, weights[name].nbytes, weights[name].dtype
         wanted = (
-            quantize_floats and name.endswith(".weight") and value.ndim in (2, 3)
-            and value.shape[-1] % group_size == 0
+            quantize_floats and name.endswith(".weight") and len(shape) in (2, 3)
+            and shape[-1] % group_size == 0
             and not any(p.search(name) for p in keep_patterns)
         )  # fmt: skip
-        dtype = str(value.dtype).split(".")[-1]
+        dtype_name = str(dtype).split(".")[-1]
 
         def run() -> list[tuple[str, Converted, TensorRecord]]:
+            value = weights.pop(name)  # once read, the data must not outlive its job
             if not wanted:
-                record = make_record(name, dtype, dtype, value.shape, value.nbytes, ErrorMeter())
+                record = make_record(name, dtype_name, dtype_name, shape, nbytes, ErrorMeter())
                 return [(name, Converted(value), record)]
             meter = ErrorMeter()
-            source = np.asarray(value.astype(mx.float32))
-            quantize = (
-                partial(quantize_q4_0, group_size=group_size)
-                if recipe == "q4_0"
-                else partial(quantize_affine, bits=4, group_size=group_size)
-            )
-            q = quantize_rows(source, lambda w: w, quantize, value.shape[-1], meter)
-            target = (
-                f"{'Q4_0 recipe' if recipe == 'q4_0' else 'min/max affine'} 4-bit g{group_size}"
-            )
+            if drafter:  # drafters lose acceptance below 8 bits, and have no QAT grid to keep
+                quantize = partial(quantize_affine, bits=DRAFTER_BITS, group_size=group_size)
+                target = f"min/max affine {DRAFTER_BITS}-bit g{group_size} (drafter)"
+            elif recipe == "q4_0":
+                quantize = partial(quantize_q4_0, group_size=group_size)
+                target = f"Q4_0 recipe 4-bit g{group_size}"
+            else:
+                quantize = partial(quantize_affine, bits=4, group_size=group_size)
+                target = f"min/max affine 4-bit g{group_size}"
+            q = quantize_rows(value, lambda w: w, quantize, shape[-1], meter)
             return [
-                (name, Converted(q), make_record(name, dtype, target, value.shape, q.nbytes, meter))
+                (name, Converted(q), make_record(name, dtype_name, target, shape, q.nbytes, meter))
             ]
 
-        return Job(name, value.nbytes, run)
+        return Job(name, nbytes, run)
 
     def ct_job(base: str) -> Job:
         group, symmetric = ct
-        packed, scale = weights[f"{base}.weight_packed"], weights[f"{base}.weight_scale"]
-        zero = weights.get(f"{base}.weight_zero_point")
-        if zero is None and not symmetric:
+        nbytes = weights[f"{base}.weight_packed"].nbytes + weights[f"{base}.weight_scale"].nbytes
+        has_zero = f"{base}.weight_zero_point" in weights
+        if not has_zero and not symmetric:
             raise WeightsError(
                 f"{origin.get(f'{base}.weight_packed', path)}: '{base}' is asymmetric but has no "
                 "weight_zero_point"
             )
 
         def run() -> list[tuple[str, Converted, TensorRecord]]:
+            packed, scale = (
+                weights.pop(f"{base}.weight_packed"),
+                weights.pop(f"{base}.weight_scale"),
+            )
+            zero = weights.pop(f"{base}.weight_zero_point", None)
             p = np.asarray(packed).view(np.uint32)
             s = np.asarray(scale.astype(mx.float32))
             rows, columns = p.shape[0], p.shape[-1] * 8
@@ -204,7 +214,7 @@ def safetensors_plan(
             record = make_record(f"{base}.weight", source, target, (rows, columns), q.nbytes, meter)
             return [(f"{base}.weight", Converted(q), record)]
 
-        return Job(base, packed.nbytes + scale.nbytes, run)
+        return Job(base, nbytes, run)
 
     jobs = []
     for name in weights:

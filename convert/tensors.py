@@ -85,7 +85,7 @@ def row_chunks(rows: int, columns: int) -> Iterator[slice]:
 
 
 def quantize_rows(
-    source: np.ndarray,
+    source: np.ndarray | mx.array,
     reference: Callable[[np.ndarray], np.ndarray],
     quantize: Callable[[np.ndarray], QuantizedTensor],
     columns: int,
@@ -96,8 +96,11 @@ def quantize_rows(
     flat = source.reshape(-1, source.shape[-1])
     parts = []
     for rows in row_chunks(flat.shape[0], columns):
-        part = quantize(flat[rows])
-        meter.add(dequantize(part), reference(flat[rows]))
+        chunk = flat[rows]
+        if isinstance(chunk, mx.array):  # bf16 sources: float32 one chunk at a time
+            chunk = np.asarray(chunk.astype(mx.float32))
+        part = quantize(chunk)
+        meter.add(dequantize(part), reference(chunk))
         parts.append(part)
     joined = [
         np.concatenate(a).reshape(*lead, -1)

@@ -19,7 +19,7 @@ import numpy as np
 
 from gemma_mlx.errors import GemmaMLXError
 
-DEFAULT_SHARD_BYTES = 1 << 30
+DEFAULT_SHARD_BYTES = 1 << 29  # 512 MiB: the in-memory buffer is one shard
 
 
 class OutputExistsError(GemmaMLXError, FileExistsError):

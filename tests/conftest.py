@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import gemma_mlx  # noqa: E402,F401  (preloads OpenBLAS before anything imports MLX)
+import gemma_mlx  # noqa: F401  (preloads OpenBLAS before anything imports MLX)
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +26,20 @@ def reference_checkpoints(tmp_path_factory):
         return built[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def emulator(pytestconfig):
+    """The Metal-on-CPU emulator (tests/emulator); its builds persist in pytest's cache."""
+    from emulator import shared_emulator
+
+    return shared_emulator(pytestconfig.cache.mkdir("metal-emulator"))
+
+
+@pytest.fixture
+def kernels(emulator):
+    """The kernel path on the emulator with no self-check, so what runs is the kernel itself."""
+    from gemma_mlx.kernels.backend import use_kernel_factory
+
+    with use_kernel_factory(emulator.metal_kernel, mode="on"):
+        yield emulator

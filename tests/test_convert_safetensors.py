@@ -162,3 +162,24 @@ def test_unquantized_affine_recipe_by_flag(tmp_path):
     assert quantized and all(0 < r.max_abs_error < 0.05 for r in quantized)
     kept = {r.name for r in report.records if r.target == r.source}
     assert "model.embed_tokens.weight" in kept
+
+
+@pytest.mark.parametrize("quantize_drafter", [False, True])
+def test_mtp_drafter_checkpoint_converts(tmp_path, quantize_drafter):
+    """Drafters stay in source precision by default (as released), 8-bit on request; both load."""
+    from assistant_reference import assistant_config, save_assistant
+
+    save_assistant(assistant_config(ordered=True), tmp_path / "drafter")
+    report = convert(
+        tmp_path / "drafter", tmp_path / "out", quantize_drafter=quantize_drafter, progress=False
+    )
+    quantized = [r for r in report.records if "8-bit" in r.target]
+    assert bool(quantized) == quantize_drafter
+    assert all(r.max_abs_error < 2e-3 for r in quantized)
+    model = load_model(tmp_path / "out")
+    assert model.model_type == "gemma4_assistant"
+    if not quantize_drafter:
+        source = load_file(tmp_path / "drafter" / "model.safetensors")
+        ours = mx.load(str(tmp_path / "out" / "model.safetensors"))
+        name = next(k for k in source if k.endswith("q_proj.weight"))
+        np.testing.assert_array_equal(np.array(ours[name]), source[name].numpy())

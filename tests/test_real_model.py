@@ -83,7 +83,9 @@ def assert_same_or_near_tie(
     ours: list[int], reference: list[int], margins: list[float], tie: float
 ):
     """Identical, or the first divergence is where the reference's own top-2 margin is a near-tie."""
-    diverge = next((i for i, (a, b) in enumerate(zip(ours, reference, strict=True)) if a != b), None)
+    diverge = next(
+        (i for i, (a, b) in enumerate(zip(ours, reference, strict=True)) if a != b), None
+    )
     if diverge is not None:
         assert margins[diverge] < tie, (
             f"diverges at step {diverge} where the reference margin is {margins[diverge]:.3f}"
@@ -98,7 +100,13 @@ def tokenizer(converted):
 def test_tokenizer_matches_llama_cpp(tokenizer):
     llama_cpp = pytest.importorskip("llama_cpp")
     vocab = llama_cpp.Llama(str(builtin_gguf()), vocab_only=True, verbose=False)
-    texts = [*PROMPTS, "  two spaces\n\nand\ttabs ", "<start_of_turn>user\nhi<end_of_turn>", "日本語とEnglish mixed: 3.14159, émigré, 🙂", ""]
+    texts = [
+        *PROMPTS,
+        "  two spaces\n\nand\ttabs ",
+        "<start_of_turn>user\nhi<end_of_turn>",
+        "日本語とEnglish mixed: 3.14159, émigré, 🙂",
+        "",
+    ]
     for text in texts:
         expected = vocab.tokenize(text.encode(), add_bos=True, special=True)
         assert tokenizer.encode(text) == expected, text
@@ -106,34 +114,43 @@ def test_tokenizer_matches_llama_cpp(tokenizer):
 
 
 @pytest.fixture(scope="module")
-def our_continuations(converted, tokenizer) -> list[list[int]]:
-    """Greedy continuations of the product (exact grids, Q6_K requantized), shared by the tests."""
-    model = load_model(converted["mlx"])
-    return [greedy(mlx_stepper(model), tokenizer.encode(p))[0] for p in PROMPTS]
-
-
-def test_converted_model_matches_float32_dequantized(converted, tokenizer, our_continuations):
-    exact = load_model(converted["f32"])
-    for prompt, tokens in zip(PROMPTS, our_continuations, strict=True):
-        reference, margins = greedy(mlx_stepper(exact), tokenizer.encode(prompt))
-        assert_same_or_near_tie(tokens, reference, margins, REQUANT_NEAR_TIE)
-
-
-def test_matches_llama_cpp_greedy(tokenizer, our_continuations):
+def continuations(converted, tokenizer) -> dict[str, list[tuple[list[int], list[float]]]]:
+    """Greedy continuations (tokens, top-2 margins) of every prompt from three engines: our product
+    (exact grids, Q6_K requantized), our exact float32 dequantization, and llama.cpp on the GGUF."""
+    out = {}
+    for kind in ("mlx", "f32"):
+        model = load_model(converted[kind])
+        out[kind] = [greedy(mlx_stepper(model), tokenizer.encode(p)) for p in PROMPTS]
     llama_cpp = pytest.importorskip("llama_cpp")
     llm = llama_cpp.Llama(
         str(builtin_gguf()), n_ctx=128, logits_all=True, verbose=False, n_threads=2
     )
-    identical = 0
-    for prompt, tokens in zip(PROMPTS, our_continuations, strict=True):
-        ids = tokenizer.encode(prompt)
+
+    def llama_step(tokens: list[int]) -> np.ndarray:
+        llm.eval(tokens)
+        return np.array(llm.scores[llm.n_tokens - 1])
+
+    out["llama.cpp"] = []
+    for prompt in PROMPTS:
         llm.reset()
+        out["llama.cpp"].append(greedy(llama_step, tokenizer.encode(prompt)))
+    return out
 
-        def llama_step(tokens: list[int]) -> np.ndarray:
-            llm.eval(tokens)
-            return np.array(llm.scores[llm.n_tokens - 1])
 
-        reference, margins = greedy(llama_step, ids)
+def test_converted_model_matches_float32_dequantized(continuations):
+    for (tokens, _), (reference, margins) in zip(
+        continuations["mlx"], continuations["f32"], strict=True
+    ):
+        assert_same_or_near_tie(tokens, reference, margins, REQUANT_NEAR_TIE)
+
+
+@pytest.mark.parametrize("kind", ["f32", "mlx"])
+def test_matches_llama_cpp_greedy(continuations, kind):
+    """Both our float32 dequantization and our product follow llama.cpp on the same file."""
+    identical = 0
+    for (tokens, _), (reference, margins) in zip(
+        continuations[kind], continuations["llama.cpp"], strict=True
+    ):
         assert_same_or_near_tie(tokens, reference, margins, LLAMA_CPP_NEAR_TIE)
         identical += tokens == reference
     assert identical >= 3  # measured: 4 of 5 identical, the 5th diverges at a 0.11 margin

@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from gemma_mlx.models import gemma3, gemma4
+from gemma_mlx.models import gemma3, gemma4, gemma4_assistant
 from gemma_mlx.models.base import ConfigError
 
 ARCHITECTURES: dict[str, ModuleType] = {
@@ -15,6 +15,8 @@ ARCHITECTURES: dict[str, ModuleType] = {
     "gemma4_text": gemma4,
     "gemma4_unified": gemma4,  # the 12B: the same decoder, its vision is encoder-free
     "gemma4_unified_text": gemma4,
+    "gemma4_assistant": gemma4_assistant,  # MTP drafters
+    "gemma4_unified_assistant": gemma4_assistant,
 }
 
 

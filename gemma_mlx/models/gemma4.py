@@ -21,6 +21,7 @@ import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchLinear
 
 from gemma_mlx.cache import KVCache, RotatingKVCache, attention_mask, window_start
+from gemma_mlx.kernels.moe import dispatch, route
 from gemma_mlx.models.base import (
     ConfigError,
     RMSNorm,
@@ -316,14 +317,6 @@ class Router(nn.Module):
         return route(logits.astype(mx.float32), self.per_expert_scale, self.top_k)
 
 
-def route(logits: mx.array, per_expert_scale: mx.array, k: int) -> tuple[mx.array, mx.array]:
-    """(weights [..., k] float32, expert ids [..., k]); equal logits: the lower expert id wins."""
-    ids = mx.argsort(-logits, axis=-1)[..., :k]  # stable sort keeps lower ids first on ties
-    top = mx.take_along_axis(logits, ids, axis=-1)
-    weights = mx.softmax(top, axis=-1) * per_expert_scale[ids].astype(mx.float32)
-    return weights, ids.astype(mx.uint32)
-
-
 class SwitchGLU(nn.Module):
     """Per-expert GeGLU MLPs stored as [E, out, in] stacks (mlx-lm's layout and names)."""
 
@@ -336,14 +329,13 @@ class SwitchGLU(nn.Module):
     def __call__(self, x: mx.array, ids: mx.array, weights: mx.array) -> mx.array:
         """sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) for x [N, H], ids/weights [N, k]."""
         N, k = ids.shape
-        flat = ids.flatten()
-        order = mx.argsort(flat)
-        rows = mx.expand_dims(x[order // k], -2)  # [N*k, 1, H], grouped by expert
-        sorted_ids = flat[order]
+        pairs = dispatch(ids, self.gate_proj.num_experts)
+        rows = mx.expand_dims(x[pairs.sorted_tokens], -2)  # [N*k, 1, H], grouped by expert
+        sorted_ids = pairs.sorted_ids
         h = nn.gelu_approx(self.gate_proj(rows, sorted_ids, sorted_indices=True))
         h = h * self.up_proj(rows, sorted_ids, sorted_indices=True)
         y = self.down_proj(h, sorted_ids, sorted_indices=True).squeeze(-2)
-        y = y[mx.argsort(order)].reshape(N, k, -1)
+        y = y[pairs.inverse_order].reshape(N, k, -1)
         return (y * mx.expand_dims(weights, -1).astype(y.dtype)).sum(axis=-2)
 
 

@@ -1,0 +1,135 @@
+"""Choosing between a kernel and its reference: the fallback on a build error or a failed
+self-check, `GEMMA_MLX_KERNELS`, and the kernels inside the model and the speculative loop."""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from speculative_helpers import noisy_copy, random_target
+
+from gemma_mlx.drafters import ModelDrafter
+from gemma_mlx.kernels import moe
+from gemma_mlx.kernels.backend import ENV, KernelFallbackWarning, kernel_mode, use_kernel_factory
+from gemma_mlx.speculative import speculative_tokens
+
+
+def route_inputs(seed: int = 0):
+    key = mx.random.key(seed)
+    return mx.random.normal((3, 16), key=key), mx.random.uniform(0.5, 2.0, (16,), key=key), 4
+
+
+def broken_source(emulator):
+    """A factory whose kernels do not compile (a builtin the emulator, like Metal, lacks)."""
+
+    def factory(**kwargs):
+        kwargs["source"] += "\nundefined_metal_builtin();\n"
+        return emulator.metal_kernel(**kwargs)
+
+    return factory
+
+
+def wrong_results(emulator):
+    """A factory whose kernels build and run but return other expert ids."""
+
+    def factory(**kwargs):
+        kernel = emulator.metal_kernel(**kwargs)
+        return lambda **call: [out[..., ::-1] for out in kernel(**call)]
+
+    return factory
+
+
+@pytest.mark.parametrize("make_factory", [broken_source, wrong_results], ids=["build", "check"])
+def test_failed_kernel_warns_once_and_matches_reference(emulator, make_factory):
+    args = route_inputs()
+    want = moe.route_reference(*args)
+    with (
+        use_kernel_factory(make_factory(emulator), mode="auto"),
+        pytest.warns(KernelFallbackWarning, match="moe.route") as caught,
+    ):
+        got = [moe.route(*args), moe.route(*route_inputs(1)), moe.route(*args)]
+    assert len(caught) == 1
+    for weights, ids in (got[0], got[2]):
+        assert mx.array_equal(weights, want[0]).item() and mx.array_equal(ids, want[1]).item()
+
+
+def test_self_check_passes_silently_and_runs_once(emulator):
+    args = route_inputs()
+    with use_kernel_factory(emulator.metal_kernel, mode="auto"), warnings.catch_warnings():
+        warnings.simplefilter("error", KernelFallbackWarning)
+        before = emulator.launches
+        moe.route(*args)
+        moe.route(*args)
+    assert emulator.launches - before == 3  # one self-check, then one launch per call
+
+
+def test_modes(emulator, monkeypatch):
+    args = route_inputs()
+    want = moe.route_reference(*args)
+    monkeypatch.setenv(ENV, "off")
+    with use_kernel_factory(broken_source(emulator)), warnings.catch_warnings():
+        warnings.simplefilter("error", KernelFallbackWarning)
+        _, ids = moe.route(*args)  # off: the kernel is never built
+    assert mx.array_equal(ids, want[1]).item()
+    monkeypatch.setenv(ENV, "check")
+    with use_kernel_factory(wrong_results(emulator)), pytest.warns(KernelFallbackWarning):
+        _, ids = moe.route(*args)  # check: compared, the reference returned
+    assert mx.array_equal(ids, want[1]).item()
+    monkeypatch.setenv(ENV, "sometimes")
+    with pytest.raises(ValueError, match=f"{ENV}='sometimes'"):
+        kernel_mode()
+
+
+def test_no_metal_runs_the_reference():
+    """This machine has no Metal: the entry points are the references, with no kernel built."""
+    assert not mx.metal.is_available()
+    args = route_inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, ids = moe.route(*args)
+    assert mx.array_equal(ids, moe.route_reference(*args)[1]).item()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_speculative_loop_on_kernels(emulator, temperature):
+    """A MoE target drafting with a noisy copy of itself: the loop and the model launch the route,
+    dispatch and verify kernels (self-checked, as on a Mac) and emit the reference path's tokens."""
+    target = random_target("26b-a4b")
+    drafter_model = noisy_copy(target, 0.1)
+    prompt = np.random.default_rng(0).integers(1, target.args.vocab_size, 12).tolist()
+
+    def run() -> list[int]:
+        mx.random.seed(7)
+        cache = target.make_cache(max_trim=8)
+        steps = speculative_tokens(
+            target,
+            prompt,
+            cache,
+            ModelDrafter(drafter_model),
+            num_draft=3,
+            temperature=temperature,
+            max_tokens=24,
+        )
+        return [s.token for s in steps]
+
+    launched: Counter[str] = Counter()
+
+    def counting(**kwargs):
+        kernel = emulator.metal_kernel(**kwargs)
+
+        def launch(**call):
+            launched[kwargs["name"]] += 1
+            return kernel(**call)
+
+        return launch
+
+    want = run()
+    with use_kernel_factory(counting, mode="auto"), warnings.catch_warnings():
+        warnings.simplefilter("error", KernelFallbackWarning)
+        got = run()
+    assert got == want
+    verify = "verify_greedy" if temperature == 0 else "verify_sampling"
+    assert set(launched) == {"moe_route", "moe_dispatch", verify}

@@ -80,14 +80,23 @@ def write_synthetic(directory: Path, size_gb: float, console: Console) -> None:
 def convert(src: Path, out: Path) -> dict:
     report_path = out.with_suffix(".report.json")
     start = time.perf_counter()
-    cmd = [sys.executable, "-m", "gemma_mlx.convert", str(src), "-o", str(out), "--report", str(report_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "gemma_mlx.convert",
+        str(src),
+        "-o",
+        str(out),
+        "--report",
+        str(report_path),
+    ]
     subprocess.run(cmd, check=True)
     wall = time.perf_counter() - start
     report = json.loads(report_path.read_text())
-    largest = max(
-        int(np.prod(t["shape"])) * t["bits_per_weight"] / 8 for t in report["tensors"]
+    largest = max(int(np.prod(t["shape"])) * t["bits_per_weight"] / 8 for t in report["tensors"])
+    source_bytes = sum(
+        f.stat().st_size for f in ([src] if src.is_file() else src.glob("*.safetensors"))
     )
-    source_bytes = sum(f.stat().st_size for f in ([src] if src.is_file() else src.glob("*.safetensors")))
     return {
         "source": src.name,
         "source_format": report["source_format"],
@@ -120,7 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(convert(synthetic, scratch / "synthetic-out"))
     machine = f"{platform.system().lower()}-{platform.machine()}"
     for row in rows:
-        row |= {"benchmark": "convert_memory", "machine": machine, "date": time.strftime("%Y-%m-%d")}
+        row |= {
+            "benchmark": "convert_memory",
+            "machine": machine,
+            "date": time.strftime("%Y-%m-%d"),
+        }
         console.print(row)
     append(RESULTS_DIR / f"convert-{machine}.jsonl", rows)
     return 0 if all(r["within_bound"] for r in rows) else 1

@@ -53,3 +53,17 @@ def preload_blas() -> str:
 
 
 preload_blas()
+
+
+def describe_blas() -> str:
+    """What `--verbose` prints: the BLAS MLX's float32 products run on, and how to get a fast one."""
+    if blas_in_use.startswith("OpenBLAS"):
+        return blas_in_use
+    if not sys.platform.startswith("linux"):
+        return "Accelerate (macOS)" if sys.platform == "darwin" else blas_in_use
+    if os.environ.get(BLAS_ENV, "").lower() in {"off", "none", "0"}:
+        return f"MLX's bundled reference BLAS ({BLAS_ENV}=off)"
+    return (
+        "MLX's bundled reference BLAS (slow float32 products: install Debian's "
+        "libopenblas0-pthread or `pip install cmeel-openblas`)"
+    )

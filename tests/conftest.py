@@ -29,11 +29,14 @@ def reference_checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def emulator(pytestconfig):
-    """The Metal-on-CPU emulator (tests/emulator); its builds persist in pytest's cache."""
+def emulator(pytestconfig, tmp_path_factory):
+    """The Metal-on-CPU emulator (tests/emulator); its builds persist in pytest's cache
+    (a temporary directory when the cache plugin is off)."""
     from emulator import shared_emulator
 
-    return shared_emulator(pytestconfig.cache.mkdir("metal-emulator"))
+    cache = getattr(pytestconfig, "cache", None)
+    builds = cache.mkdir("metal-emulator") if cache else tmp_path_factory.mktemp("metal-emulator")
+    return shared_emulator(builds)
 
 
 @pytest.fixture

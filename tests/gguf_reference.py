@@ -110,11 +110,16 @@ def write_gguf(
             rotated = round(full["partial_rotary_factor"] * pairs)
             factors = np.array([1.0] * rotated + [1e30] * (pairs - rotated), dtype=np.float32)
             writer.add_tensor("rope_freqs.weight", factors)
+    finish(writer)
+    return stored
+
+
+def finish(writer: GGUFWriter) -> None:
+    """Write the header, metadata and tensors, and close the file."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return stored
 
 
 def reference_state_dict(model: torch.nn.Module, stored: dict[str, np.ndarray]) -> None:

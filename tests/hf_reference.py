@@ -158,7 +158,9 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
 def save_reference(config, directory: Path, seed: int = 0) -> torch.nn.Module:
     """Random float32 torch model for `config`, saved to `directory` (safetensors); returned in eval mode."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(
+        config, attn_implementation="eager", dtype=torch.float32
+    )
     _perturb(model, seed)
     model.eval()
     model.save_pretrained(directory, safe_serialization=True)

@@ -75,7 +75,9 @@ def test_trim_and_refeed(reference_checkpoints, variant, tokens, at, k, one_by_o
     for chunk in [[t] for t in wrong] if one_by_one else [wrong]:
         feed(model, cache, chunk)
     assert all(c.trim(k) == k for c in cache)
-    np.testing.assert_allclose(feed(model, cache, tokens[at : at + k]), expected[at : at + k], atol=TOL)
+    np.testing.assert_allclose(
+        feed(model, cache, tokens[at : at + k]), expected[at : at + k], atol=TOL
+    )
     # and decoding continues correctly afterwards
     nxt = at + k
     np.testing.assert_allclose(feed(model, cache, [tokens[nxt]])[0], expected[nxt], atol=TOL)

@@ -9,6 +9,7 @@ from gemma_mlx.convert.mlx_format import dequantize, pack, unpack
 from gemma_mlx.convert.tensors import gguf_tensor
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader, GGUFWriter, quants
+from gguf_reference import finish
 
 # Byte offsets of the float16 fields (d, and m/dmin) in each block layout.
 HALF_FIELDS = {
@@ -56,10 +57,7 @@ def test_exact_types_are_bit_exact(qtype, tmp_path):
     path = tmp_path / "t.gguf"
     writer = GGUFWriter(path, "gemma3")
     writer.add_tensor("w", raw, raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     tensor = GGUFReader(path).tensors[0]
 
     converted, record = gguf_tensor("w", tensor.tensor_type, tensor.data, columns)

@@ -10,7 +10,7 @@ from gemma_mlx.convert import OutputExistsError, convert
 from gemma_mlx.convert.__main__ import main
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFWriter
-from gguf_reference import gguf_variant, write_gguf
+from gguf_reference import finish, gguf_variant, write_gguf
 from hf_reference import VARIANTS, save_reference
 from safetensors.numpy import load_file, save_file
 
@@ -49,13 +49,7 @@ def test_unknown_gguf_architecture(tmp_path):
     path = tmp_path / "llama.gguf"
     writer = GGUFWriter(path, "llama")
     writer.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
-    for step in (
-        writer.write_header_to_file,
-        writer.write_kv_data_to_file,
-        writer.write_tensors_to_file,
-    ):
-        step()
-    writer.close()
+    finish(writer)
     assert_fails_cleanly(path, tmp_path / "out", str(path), "general.architecture", "'llama'")
 
 
@@ -79,13 +73,7 @@ def test_unsupported_gguf_quant_type(gguf_file, tmp_path):
             columns = int(tensor.shape[0])
             data, qtype = np.zeros((data.shape[0], columns // 32 * 40), np.uint8), T.Q8_1
         writer.add_tensor(tensor.name, data, raw_dtype=qtype)
-    for step in (
-        writer.write_header_to_file,
-        writer.write_kv_data_to_file,
-        writer.write_tensors_to_file,
-    ):
-        step()
-    writer.close()
+    finish(writer)
     assert_fails_cleanly(
         path, tmp_path / "out", str(path), "model.layers.0.self_attn.q_proj", "Q8_1"
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
+from collections.abc import Callable
 
 import mlx.core as mx
 import numpy as np
@@ -93,6 +94,28 @@ def test_no_metal_runs_the_reference():
     assert mx.array_equal(ids, moe.route_reference(*args)[1]).item()
 
 
+def on_kernels(emulator, run: Callable[[], list[int]]) -> Counter[str]:
+    """Run `run` on the reference path, then on the emulated kernels as on a Mac (self-checked,
+    no fallback allowed); assert both give the same tokens; the kernel launches, by name."""
+    launched: Counter[str] = Counter()
+
+    def counting(**kwargs):
+        kernel = emulator.metal_kernel(**kwargs)
+
+        def launch(**call):
+            launched[kwargs["name"]] += 1
+            return kernel(**call)
+
+        return launch
+
+    want = run()
+    with use_kernel_factory(counting, mode="auto"), warnings.catch_warnings():
+        warnings.simplefilter("error", KernelFallbackWarning)
+        got = run()
+    assert got == want
+    return launched
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_speculative_loop_on_kernels(emulator, temperature):
     """A MoE target drafting with a noisy copy of itself: the loop and the model launch the route,
@@ -115,21 +138,6 @@ def test_speculative_loop_on_kernels(emulator, temperature):
         )
         return [s.token for s in steps]
 
-    launched: Counter[str] = Counter()
-
-    def counting(**kwargs):
-        kernel = emulator.metal_kernel(**kwargs)
-
-        def launch(**call):
-            launched[kwargs["name"]] += 1
-            return kernel(**call)
-
-        return launch
-
-    want = run()
-    with use_kernel_factory(counting, mode="auto"), warnings.catch_warnings():
-        warnings.simplefilter("error", KernelFallbackWarning)
-        got = run()
-    assert got == want
+    launched = on_kernels(emulator, run)
     verify = "verify_greedy" if temperature == 0 else "verify_sampling"
     assert set(launched) == {"moe_route", "moe_dispatch", verify}

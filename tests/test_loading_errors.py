@@ -51,7 +51,10 @@ def test_wrong_type_is_named(checkpoint):
 
 def test_config_contradicting_weights_names_tensor(checkpoint):
     edit_config(checkpoint, intermediate_size=100)
-    with pytest.raises(WeightsError, match=r"mlp\.(gate|up)_proj\.weight' has shape \(\d+, 64\), config.json implies"):
+    with pytest.raises(
+        WeightsError,
+        match=r"mlp\.(gate|up)_proj\.weight' has shape \(\d+, 64\), config.json implies",
+    ):
         load_model(checkpoint)
 
 
@@ -68,13 +71,13 @@ def test_truncated_weights_name_the_file(checkpoint):
     path = checkpoint / "model.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(WeightsError, match="model.safetensors: truncated"):
+    with pytest.raises(WeightsError, match=r"model\.safetensors: truncated"):
         load_model(checkpoint)
 
 
 def test_invalid_json_is_named(checkpoint):
     (checkpoint / "config.json").write_text("{not json")
-    with pytest.raises(ConfigError, match="config.json: not valid JSON"):
+    with pytest.raises(ConfigError, match=r"config\.json: not valid JSON"):
         load_model(checkpoint)
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from gemma_mlx.kernels import drafter_head
 from gemma_mlx.models import gemma4
 from gemma_mlx.models.base import ConfigError, read
 
@@ -166,6 +167,17 @@ class Model(nn.Module):
         if self.args.tie_word_embeddings:
             return None, self.model.embed_tokens.as_linear(z)
         return None, self.lm_head(z)
+
+    def greedy_token(self, z: mx.array) -> mx.array:
+        """The head's greedy token [...] int32: a centroid-masked head goes through
+        `gemma_mlx.kernels.drafter_head` (one kernel on Metal, no vocabulary-wide row)."""
+        if not self.args.use_ordered_embeddings:
+            return mx.argmax(self.head(z)[1], axis=-1).astype(mx.int32)
+        head = self.masked_embedding
+        table = self.model.embed_tokens if self.args.tie_word_embeddings else self.lm_head
+        return drafter_head.greedy_token(
+            head.centroids(z), z, head.token_ordering, drafter_head.HeadTable.of(table), head.top_k
+        )
 
     def _head_rows(self, ids: mx.array) -> mx.array:
         if self.args.tie_word_embeddings:

@@ -1,0 +1,376 @@
+"""Speculative decoding: draft k tokens, verify them in one target forward pass, keep what is exact.
+
+`speculative_tokens` is a token-step generator, the drafting counterpart of
+`gemma_mlx.generate.generate_tokens`, that yields `TokenStep(token, logprobs, from_draft)`:
+
+- Greedy (temperature 0): drafts are accepted while they equal the target's argmax, then the target's
+  own token follows, so the output is the target's greedy output token for token. (A K-token
+  verify pass rounds differently from K one-token passes, by ~1e-5 on the CPU backend: only a
+  top-2 tie that close could tell them apart.)
+- Sampling: Leviathan et al.'s rejection sampling (accept d with probability min(1, p(d)/q(d)),
+  resample a rejection from norm(max(p - q, 0))), which leaves the target's distribution unchanged.
+- After each verify every target cache is trimmed by the rejected drafts (exact at any length: the
+  rotating caches keep `max_trim` extra positions), before anything reads it again.
+- One host synchronization per round: the accepted count and the tokens come back in one array.
+- The draft length is fixed or adaptive (`AdaptiveDraftLength`): it follows the measured acceptance
+  and the measured cost of a round against a plain decode step, down to 0 (speculation off).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from gemma_mlx.generate import (
+    PromptError,
+    TokenStep,
+    default_prefill_step_size,
+    prefill,
+)
+from gemma_mlx.kernels import verify as verify_kernels
+
+
+@dataclass
+class DraftContext:
+    """What a drafter may read: the target, its caches and the committed tokens."""
+
+    model: nn.Module  # the target
+    cache: list  # the target's caches, holding every committed token but the last
+    tokens: list[int]  # committed tokens (prompt + output); the last is not in `cache` yet
+    hidden: mx.array | None  # target final-normed hidden state that predicted tokens[-1], [1, 1, H]
+    temperature: float  # 0: draft greedily
+
+
+@dataclass
+class Proposal:
+    tokens: mx.array  # [k] int32 drafts
+    probs: mx.array | None = None  # [k, V] distributions they were sampled from; None: one-hot
+
+    @classmethod
+    def empty(cls) -> Proposal:
+        return cls(mx.zeros((0,), mx.int32))
+
+
+class Drafter(Protocol):
+    """Proposes tokens to verify. The loop calls prefill once, then propose/commit every round."""
+
+    def prefill(self, context: DraftContext) -> None: ...
+
+    def propose(self, context: DraftContext, k: int) -> Proposal:
+        """At most k drafts following context.tokens (lazy arrays: no host sync)."""
+        ...
+
+    def commit(self, context: DraftContext, k: int, accepted: int) -> None:
+        """The round proposed k drafts, `accepted` of them were kept; context.tokens is updated."""
+        ...
+
+
+# Longest draft the adaptive controller tries; the target caches must trim this many positions.
+MAX_ADAPTIVE_DRAFT = 8
+
+
+@dataclass
+class SpeculationStats:
+    """What the drafts bought: filled in by `speculative_tokens` as it runs."""
+
+    verify_steps: int = 0  # rounds that verified at least one draft
+    decode_steps: int = 0  # rounds without drafts (plain decoding)
+    proposed: int = 0
+    accepted: int = 0
+    draft_lengths: list[int] = field(default_factory=list)  # k of every round, 0 = plain decode
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def accepted_per_verify(self) -> float:
+        """Mean accepted drafts per verify step (the target's own token comes on top)."""
+        return self.accepted / self.verify_steps if self.verify_steps else 0.0
+
+    def record(self, k: int, n: int) -> None:
+        self.draft_lengths.append(k)
+        if k:
+            self.verify_steps += 1
+            self.proposed += k
+            self.accepted += n
+        else:
+            self.decode_steps += 1
+
+
+# --- verification (composed MLX; one graph, evaluated with the round's single sync) ---------
+
+
+def verify_greedy(target_logits: mx.array, drafts: mx.array) -> tuple[mx.array, mx.array]:
+    """(number of drafts accepted, the target's token after them) for logits [K+1, V], drafts [K]."""
+    best = mx.argmax(target_logits, axis=-1).astype(mx.int32)
+    n = mx.cumprod((best[:-1] == drafts).astype(mx.int32)).sum()
+    return n, best[n]
+
+
+def verify_sampling(
+    target_probs: mx.array, draft_probs: mx.array | None, drafts: mx.array, uniforms: mx.array
+) -> tuple[mx.array, mx.array]:
+    """Leviathan et al.'s rejection sampling for one round; returns (accepted, next token).
+
+    `target_probs` [K+1, V] and `draft_probs` [K, V] (None: deterministic drafts, q = one-hot) are
+    the distributions the target would sample from and the drafts were sampled from; `uniforms`
+    [K+1] are U[0, 1): the first K decide acceptance (u < p/q), the last samples the next token
+    by inverse CDF from the residual norm(max(p - q, 0)), or from p after K acceptances.
+    """
+    K = drafts.shape[0]
+    rows = mx.arange(K)
+    p = target_probs[rows, drafts]
+    q = mx.ones_like(p) if draft_probs is None else draft_probs[rows, drafts]
+    n = mx.cumprod((uniforms[:K] * q < p).astype(mx.int32)).sum()
+    row = target_probs[n]
+    vocab = mx.arange(row.shape[-1])
+    padded = mx.concatenate([drafts, mx.array([-1], mx.int32)])
+    if draft_probs is None:
+        residual = mx.where(vocab == padded[n], 0.0, row)
+    else:
+        q_row = mx.concatenate([draft_probs, mx.zeros_like(row)[None]])[n]
+        residual = mx.maximum(row - q_row, 0.0)
+    total = residual.sum()
+    residual, total = mx.where(total > 0, residual, row), mx.where(total > 0, total, row.sum())
+    below = mx.cumsum(residual) <= uniforms[K] * total
+    token = mx.minimum(below.astype(mx.int32).sum(), row.shape[-1] - 1)
+    return n, token
+
+
+# --- draft length ---------------------------------------------------------------------------
+
+
+class FixedDraftLength:
+    """Always `k` drafts per round."""
+
+    def __init__(self, k: int):
+        self.max_draft = k
+
+    def choose(self) -> int:
+        return self.max_draft
+
+    def observe(self, k: int, accepted: int, seconds: float) -> None:
+        pass
+
+
+class AdaptiveDraftLength:
+    """Picks k to maximize the expected tokens per second of a round, from measurements.
+
+    Model: each draft is accepted with probability `alpha` given the ones before it, so a round with
+    k drafts yields (1 - alpha^(k+1)) / (1 - alpha) tokens; it costs `a + b k` seconds, fitted by
+    least squares to the measured rounds (k = 0 is a plain decode step). Older rounds fade with
+    `decay`. k = 0 wins, and speculation stays off, while drafting loses. A neighbour of the best k
+    is probed every `probe_every` rounds so that both estimates stay current; while speculation is
+    off the probes back off exponentially (up to every `max_probe_every` rounds). Timing noise (a
+    busy CPU) can make longer rounds look free, which would push k to the maximum however poor
+    the drafts: each draft is taken to cost at least `min_draft_cost` of a decode step.
+    """
+
+    def __init__(
+        self,
+        max_draft: int = MAX_ADAPTIVE_DRAFT,
+        decay: float = 0.95,
+        probe_every: int = 8,
+        max_probe_every: int = 128,
+        min_draft_cost: float = 0.02,
+    ):
+        self.max_draft = max_draft
+        self.min_draft_cost = min_draft_cost
+        self.decay = decay
+        self.probe_every = probe_every
+        self.max_probe_every = max_probe_every
+        self.hits, self.trials = 1.0, 2.0  # prior: alpha = 0.5
+        self.times: dict[int, tuple[float, float]] = {}  # k -> (weight, weighted seconds)
+        self.best = min(3, max_draft)
+        self.rounds = 0
+        self.interval = probe_every
+        self.next_probe = probe_every
+        self.probe_up = True
+
+    @property
+    def alpha(self) -> float:
+        return min(self.hits / self.trials, 0.999)
+
+    def cost(self) -> tuple[float, float] | None:
+        """(a, b) of the fitted round cost a + b k, or None before two draft lengths are measured."""
+        if len(self.times) < 2:
+            return None
+        points = [(weight, k, total / weight) for k, (weight, total) in self.times.items()]
+        sw = sum(w for w, _, _ in points)
+        mk = sum(w * k for w, k, _ in points) / sw
+        mt = sum(w * t for w, _, t in points) / sw
+        skk = sum(w * (k - mk) ** 2 for w, k, _ in points)
+        b = max(sum(w * (k - mk) * (t - mt) for w, k, t in points) / skk, 0.0)
+        a = max(mt - b * mk, 1e-9)
+        return a, max(b, self.min_draft_cost * a)
+
+    def expected_speed(self, k: int, cost: tuple[float, float]) -> float:
+        alpha = self.alpha
+        return (1 - alpha ** (k + 1)) / (1 - alpha) / (cost[0] + cost[1] * k)
+
+    def choose(self) -> int:
+        self.rounds += 1
+        cost = self.cost()
+        if cost is None:  # measure a second draft length first
+            return self.best if not self.times else (1 if self.best != 1 else 2)
+        self.best = max(range(self.max_draft + 1), key=lambda k: self.expected_speed(k, cost))
+        if self.rounds < self.next_probe:
+            return self.best
+        if self.best == 0:
+            self.interval = min(2 * self.interval, self.max_probe_every)
+        else:
+            self.interval = self.probe_every
+        self.next_probe = self.rounds + self.interval
+        self.probe_up = not self.probe_up
+        step = 1 if self.probe_up or self.best == 1 else -1
+        return max(1, min(self.best + step, self.max_draft))
+
+    def observe(self, k: int, accepted: int, seconds: float) -> None:
+        for key, (weight, total) in self.times.items():
+            self.times[key] = (weight * self.decay, total * self.decay)
+        weight, total = self.times.get(k, (0.0, 0.0))
+        self.times[k] = (weight + 1.0, total + seconds)
+        if k:
+            self.hits = self.hits * self.decay + accepted
+            self.trials = self.trials * self.decay + accepted + (accepted < k)
+
+
+def draft_length_controller(num_draft: int | str) -> FixedDraftLength | AdaptiveDraftLength:
+    """`num_draft`: a number of drafts per round (>= 0), or "auto"."""
+    if num_draft == "auto":
+        return AdaptiveDraftLength()
+    if isinstance(num_draft, bool) or not isinstance(num_draft, int) or num_draft < 0:
+        raise ValueError(f"num_draft must be an integer >= 0 or 'auto', got {num_draft!r}")
+    return FixedDraftLength(num_draft)
+
+
+# --- the loop ------------------------------------------------------------------------------
+
+
+def check_trimmable(cache: list, k: int) -> None:
+    short = [getattr(c, "max_trim_kept", k) for c in cache if getattr(c, "max_trim_kept", k) < k]
+    if short:
+        raise ValueError(
+            f"num_draft: up to {k} drafts need caches made with make_cache(max_trim >= {k}), "
+            f"these keep {min(short)} extra positions"
+        )
+
+
+def _process(
+    logits: mx.array, history: Sequence[int], drafts: mx.array, processors: Sequence
+) -> mx.array:
+    """Apply logits processors to each verify row, row i seeing the history plus drafts[:i]."""
+    if not processors:
+        return logits
+    rows = []
+    past = mx.array(history, mx.int32)
+    for i in range(logits.shape[0]):
+        row = logits[i : i + 1]
+        seen = mx.concatenate([past, drafts[:i]])
+        for processor in processors:
+            row = processor(seen, row)
+        rows.append(row)
+    return mx.concatenate(rows)
+
+
+def speculative_tokens(
+    model: nn.Module,
+    prompt: Sequence[int],
+    cache: list,
+    drafter: Drafter,
+    *,
+    num_draft: int | str = "auto",
+    temperature: float = 0.0,
+    logits_processors: Sequence = (),
+    max_tokens: int = 256,
+    prefill_step_size: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    stats: SpeculationStats | None = None,
+) -> Iterator[TokenStep]:
+    """Yield up to `max_tokens` `TokenStep`s after `prompt`, drafting with `drafter`.
+
+    The counterpart of `gemma_mlx.generate.generate_tokens` (same prompt-cache and prefill
+    behaviour): greedy at `temperature` 0, else sampling from softmax(logits / temperature) with
+    rejection sampling. `cache` must trim `num_draft` positions (`make_cache(max_trim=...)`).
+    `stats` (optional) is updated after every round.
+    """
+    controller = draft_length_controller(num_draft)
+    check_trimmable(cache, controller.max_draft)
+    stats = stats if stats is not None else SpeculationStats()
+    done = cache[0].offset if cache else 0
+    if not 0 <= done < len(prompt):
+        raise PromptError(
+            f"the cache holds {done} tokens; the prompt must extend it ({len(prompt)} tokens)"
+        )
+    total = len(prompt) - done
+    report = (lambda n, _: progress(n, total)) if progress is not None else None
+    prefill(model, cache, prompt[done:-1], prefill_step_size or default_prefill_step_size(), report)
+
+    # The first round feeds the prompt's last token without drafts: the MTP drafter needs the
+    # target's hidden state of the position before the newest token.
+    context = DraftContext(model, cache, list(prompt), None, temperature)
+    produced = 0
+    while produced < max_tokens:
+        start = time.perf_counter()
+        k = 0 if context.hidden is None else min(controller.choose(), max_tokens - produced - 1)
+        proposal = drafter.propose(context, k) if k > 0 else Proposal.empty()
+        k = proposal.tokens.shape[0]
+        inputs = mx.concatenate([mx.array(context.tokens[-1:], mx.int32), proposal.tokens])
+        logits, hidden = model(inputs[None], cache, return_hidden=True)
+        logits = _process(logits[0], context.tokens, proposal.tokens, logits_processors)
+        if temperature == 0:
+            n, following = verify_kernels.verify_greedy(logits, proposal.tokens)
+        else:
+            probs = mx.softmax(logits / temperature, axis=-1)
+            uniforms = mx.random.uniform(shape=(k + 1,))
+            n, following = verify_kernels.verify_sampling(
+                probs, proposal.probs, proposal.tokens, uniforms
+            )
+        result = mx.concatenate([n[None], proposal.tokens, following[None]]).tolist()  # the sync
+        n = result[0]
+        new_tokens = [*result[1 : 1 + n], result[-1]]
+        for c in cache:
+            c.trim(k - n)
+        context.tokens.extend(new_tokens)
+        first = context.hidden is None
+        context.hidden = hidden[:, n : n + 1]
+        if first:
+            drafter.prefill(context)
+            if report is not None:
+                report(total, total)
+        else:
+            controller.observe(k, n, time.perf_counter() - start)
+            stats.record(k, n)
+            drafter.commit(context, k, n)
+        for i, token in enumerate(new_tokens):
+            try:
+                yield TokenStep(token, _logprobs(logits[i]), i < n)
+            except GeneratorExit:  # keep generate_tokens' contract: the cache holds a prefix
+                for c in cache:  # of prompt + yielded tokens
+                    c.trim(max(0, len(new_tokens) - 2 - i))
+                raise
+        produced += len(new_tokens)
+
+
+def _logprobs(logits: mx.array) -> mx.array:
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+__all__ = [
+    "MAX_ADAPTIVE_DRAFT",
+    "AdaptiveDraftLength",
+    "DraftContext",
+    "Drafter",
+    "FixedDraftLength",
+    "Proposal",
+    "SpeculationStats",
+    "speculative_tokens",
+    "verify_greedy",
+    "verify_sampling",
+]

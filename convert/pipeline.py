@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import resource
 import sys
 import time
@@ -45,15 +44,13 @@ class Plan:
     generation_config: dict[str, Any] = field(default_factory=dict)
 
 
-def return_freed_memory() -> None:
-    """Give freed heap memory back to the OS. glibc keeps freed chunks of tens of MB in its heap;
-    without this, a 6 GB conversion peaked at 5.1 GB RSS instead of 1.9 GB (benchmarks/convert_memory)."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError):  # not glibc (musl): nothing to do
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def peak_rss_bytes() -> int:
+    """This process's peak resident memory. On Linux from /proc (VmHWM): `ru_maxrss` survives
+    fork + exec, so a converter started by a large process would report its parent's size."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
@@ -96,7 +93,6 @@ def write_plan(
                         "bits": converted.value.bits,
                     }
                 report.records.append(record)
-            return_freed_memory()
             bar.update(task, advance=job.source_bytes, done=done)
     writer.close()
 

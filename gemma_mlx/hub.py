@@ -1,7 +1,8 @@
 """Where a model comes from: a directory, a `.gguf` file, or a Hugging Face repo id.
 
 `load(path_or_repo)` resolves any of them to a model directory and loads it. A `.gguf` file is
-converted once into the cache directory (`$GEMMA_MLX_CACHE`, default `~/.cache/gemma_mlx`) and
+converted once into the cache directory (`$GEMMA_MLX_CACHE`, else `$XDG_CACHE_HOME/gemma_mlx`, else
+`~/.cache/gemma_mlx`) and
 reused while the file is unchanged; a repo id is downloaded with huggingface_hub (or found in its
 local cache when offline).
 """
@@ -29,7 +30,9 @@ class ModelNotFoundError(GemmaMLXError, FileNotFoundError):
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "gemma_mlx")
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gemma_mlx"
 
 
 def _gguf_fingerprint(path: Path) -> str:

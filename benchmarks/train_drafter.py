@@ -2,8 +2,8 @@
 
 No Gemma 4 assistant weights can be downloaded here, so this makes a drafter with real acceptance:
 
-1. The target writes its own training text: a greedy and a sampled continuation of each training
-   prompt (`PROMPTS`; `EVAL_PROMPTS` are held out for `benchmarks.speculative`).
+1. The target writes its own training text: a greedy and `--samples` sampled continuations of each
+   training prompt (`PROMPTS`; `EVAL_PROMPTS` are held out for `benchmarks.speculative`).
 2. One teacher-forced pass per sequence gives, at every position, the target's final-normed hidden
    state, its greedy next token (the label) and the K/V of its last sliding and last full layer.
 3. The drafter (2 layers, hidden 256, centroid-masked head: 2048 clusters of 128 tokens, top 32)
@@ -265,6 +265,12 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/drafter-270m"))
     parser.add_argument("--minutes", type=float, default=6.0, help="training time budget")
     parser.add_argument("--length", type=int, default=192, help="tokens generated per prompt")
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=1,
+        help="sampled continuations per prompt (plus the greedy one)",
+    )
     parser.add_argument("--force", action="store_true", help="overwrite --out")
     parser.add_argument(
         "--text", type=Path, help="reuse (or save) the generated token rows here (.npy)"
@@ -281,9 +287,10 @@ def main(argv=None) -> None:
         encoded = [tokenizer.encode(p) for p in PROMPTS]
         width = min(len(e) for e in encoded)
         prompts = [e[:width] for e in encoded]
-        rows = [
-            generate_batch(target, prompts, args.length, 0.0, 0),
-            generate_batch(target, prompts, args.length, SAMPLE_TEMPERATURE, 1),
+        rows = [generate_batch(target, prompts, args.length, 0.0, 0)]
+        rows += [
+            generate_batch(target, prompts, args.length, SAMPLE_TEMPERATURE, seed)
+            for seed in range(1, 1 + args.samples)
         ]
         data = mx.concatenate(rows)
         if args.text is not None:

@@ -71,6 +71,13 @@ TURN_END_TOKENS = ("<end_of_turn>", "<turn|>")
 # Not in Gemma 3 GGUF metadata: llama.cpp hard-codes them (llama-model.cpp).
 GEMMA3_LOCAL_ROPE_BASE = 10000.0
 GEMMA3_SLIDING_PATTERN = 6
+# Hugging Face special-token names and the GGUF metadata keys holding their ids.
+SPECIAL_TOKEN_IDS = {
+    "bos_token": "bos_token_id",
+    "eos_token": "eos_token_id",
+    "unk_token": "unknown_token_id",
+    "pad_token": "padding_token_id",
+}
 
 _LAYER = re.compile(r"^blk\.(\d+)\.(.+?)(\.weight)?$")
 
@@ -420,14 +427,44 @@ def _split_gate_up(
     return out
 
 
-def write_tokenizer(source: GGUFSource, out_dir: Path) -> None:
-    """Hugging Face tokenizer files rebuilt from the GGUF vocabulary (transformers' GGUF reader),
-    which tokenize exactly as llama.cpp does; plus the chat template when the file has one."""
-    from transformers import (
-        GemmaTokenizer,
-    )  # not AutoTokenizer: it would parse the model config too
+def tokenizer_metadata(source: GGUFSource) -> dict[str, Any]:
+    """The `tokenizer.*` metadata of the file (and its architecture) as plain Python values."""
+    fields = {
+        key: source.field(key) for key in source.reader.fields if key.startswith("tokenizer.")
+    }
+    return fields | {"general.architecture": source.arch}
 
-    tokenizer = GemmaTokenizer.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
+
+def write_tokenizer(source: GGUFSource, out_dir: Path) -> None:
+    """Hugging Face tokenizer files rebuilt from the GGUF vocabulary, which tokenize exactly as
+    llama.cpp does; plus the chat template when the file has one.
+
+    transformers' own `from_pretrained(gguf_file=...)` reads the file with a reader that imports
+    torch; we read the metadata with gguf-py and hand it to transformers' torch-free builders.
+    """
+    from transformers import GemmaTokenizer
+    from transformers.integrations.gguf import gguf_tokenizer_mapping as mapping
+
+    metadata = tokenizer_metadata(source)
+    grouped = {
+        group: {
+            name: metadata[f"tokenizer.{key}"]
+            for key, name in renames.items()
+            if f"tokenizer.{key}" in metadata
+        }
+        for group, renames in mapping.GGUF_TOKENIZER_MAPPING.items()
+    }
+    vocabulary, config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if vocabulary.get("tokenizer_type") == "llama":  # llama.cpp adds BOS unless the file says not
+        config.setdefault("add_bos_token", True)
+    elif vocabulary.get("tokenizer_type") == "gemma4":  # its chat template writes <bos> itself
+        config["add_bos_token"] = False
+    tokens = vocabulary["tokens"]
+    for name, key in SPECIAL_TOKEN_IDS.items():
+        token_id = metadata.get(f"tokenizer.ggml.{key}")
+        config[name] = tokens[token_id] if token_id is not None else None
+    backend, _ = mapping.convert_gguf_tokenizer(source.arch, vocabulary)
+    tokenizer = GemmaTokenizer(tokenizer_object=backend, **config)
     tokenizer.save_pretrained(str(out_dir))
     template = source.chat_template()
     if template:

@@ -4,6 +4,8 @@ on the GGUF's own (gguf-py dequantized) weights."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import mlx.core as mx
 import numpy as np
@@ -39,3 +41,27 @@ def test_converted_gguf_matches_transformers(tmp_path, variant, qtype):
     assert expected.std() > 0.1
     config = json.loads((tmp_path / "mlx" / "config.json").read_text())
     assert config["quantization"]["mode"] == "affine"
+
+
+def test_tokenizer_equals_transformers_gguf_path_and_needs_no_torch(tmp_path):
+    """The runtime install has no torch: the converter builds the tokenizer without it, and the
+    files equal what transformers' own (torch-importing) GGUF reader builds."""
+    torch_model = save_reference(gguf_variant("gemma3"), tmp_path / "hf")
+    write_gguf(torch_model, tmp_path / "model.gguf", T.Q8_0)
+    script = (
+        "import sys; sys.modules['torch'] = None\n"  # `import torch` now raises ImportError
+        "from gemma_mlx.convert import convert\n"
+        f"convert({str(tmp_path / 'model.gguf')!r}, {str(tmp_path / 'mlx')!r}, progress=False)\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
+
+    from transformers import GemmaTokenizer
+
+    reference = GemmaTokenizer.from_pretrained(str(tmp_path), gguf_file="model.gguf")
+    reference.save_pretrained(str(tmp_path / "reference"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        ours = json.loads((tmp_path / "mlx" / name).read_text())
+        theirs = json.loads((tmp_path / "reference" / name).read_text())
+        for how_it_was_loaded in ("is_local", "local_files_only"):
+            theirs.pop(how_it_was_loaded, None)
+        assert ours == theirs, name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import mlx.core as mx
@@ -122,5 +123,17 @@ class RMSNorm(nn.Module):
         return mx.fast.rms_norm(x, w, self.eps)
 
 
+# Element-wise chains compiled into one kernel each: at batch 1 a decoded token is launch-bound
+# on small models, and these run once per layer (GeGLU) or once per token over the vocabulary.
+@partial(mx.compile, shapeless=True)
+def geglu(gate: mx.array, up: mx.array) -> mx.array:
+    return nn.gelu_approx(gate) * up
+
+
+@partial(mx.compile, shapeless=True)
+def _tanh_cap(x: mx.array, cap: float) -> mx.array:
+    return mx.tanh(x / cap) * cap
+
+
 def softcap(x: mx.array, cap: float | None) -> mx.array:
-    return x if cap is None else mx.tanh(x / cap) * cap
+    return x if cap is None else _tanh_cap(x, cap)

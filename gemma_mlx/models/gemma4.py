@@ -26,6 +26,7 @@ from gemma_mlx.models.base import (
     ConfigError,
     RMSNorm,
     RoPE,
+    geglu,
     make_rope,
     read,
     read_layer_types,
@@ -297,7 +298,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Router(nn.Module):
@@ -332,8 +333,10 @@ class SwitchGLU(nn.Module):
         pairs = dispatch(ids, self.gate_proj.num_experts)
         rows = mx.expand_dims(x[pairs.sorted_tokens], -2)  # [N*k, 1, H], grouped by expert
         sorted_ids = pairs.sorted_ids
-        h = nn.gelu_approx(self.gate_proj(rows, sorted_ids, sorted_indices=True))
-        h = h * self.up_proj(rows, sorted_ids, sorted_indices=True)
+        h = geglu(
+            self.gate_proj(rows, sorted_ids, sorted_indices=True),
+            self.up_proj(rows, sorted_ids, sorted_indices=True),
+        )
         y = self.down_proj(h, sorted_ids, sorted_indices=True).squeeze(-2)
         y = y[pairs.inverse_order].reshape(N, k, -1)
         return (y * mx.expand_dims(weights, -1).astype(y.dtype)).sum(axis=-2)
@@ -393,7 +396,7 @@ class DecoderLayer(nn.Module):
             f = self.post_feedforward_layernorm_1(f) + self.post_feedforward_layernorm_2(e)
         out = h + self.post_feedforward_layernorm(f)
         if self.ple_dim:
-            g = nn.gelu_approx(self.per_layer_input_gate(out)) * per_layer_input
+            g = geglu(self.per_layer_input_gate(out), per_layer_input)
             out = out + self.post_per_layer_input_norm(self.per_layer_projection(g))
         if "layer_scalar" in self:
             out = out * self.layer_scalar

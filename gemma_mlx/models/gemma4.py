@@ -330,15 +330,20 @@ class SwitchGLU(nn.Module):
     def __call__(self, x: mx.array, ids: mx.array, weights: mx.array) -> mx.array:
         """sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) for x [N, H], ids/weights [N, k]."""
         N, k = ids.shape
-        pairs = dispatch(ids, self.gate_proj.num_experts)
-        rows = mx.expand_dims(x[pairs.sorted_tokens], -2)  # [N*k, 1, H], grouped by expert
-        sorted_ids = pairs.sorted_ids
-        h = geglu(
-            self.gate_proj(rows, sorted_ids, sorted_indices=True),
-            self.up_proj(rows, sorted_ids, sorted_indices=True),
-        )
-        y = self.down_proj(h, sorted_ids, sorted_indices=True).squeeze(-2)
-        y = y[pairs.inverse_order].reshape(N, k, -1)
+        if N == 1:  # one token's k experts are distinct: each is read once without grouping
+            rows = mx.expand_dims(x, (-2, -3))  # [1, 1, 1, H] against ids [1, k]
+            h = geglu(self.gate_proj(rows, ids), self.up_proj(rows, ids))
+            y = self.down_proj(h, ids).squeeze(-2)  # [1, k, H]
+        else:
+            pairs = dispatch(ids, self.gate_proj.num_experts)
+            rows = mx.expand_dims(x[pairs.sorted_tokens], -2)  # [N*k, 1, H], grouped by expert
+            sorted_ids = pairs.sorted_ids
+            h = geglu(
+                self.gate_proj(rows, sorted_ids, sorted_indices=True),
+                self.up_proj(rows, sorted_ids, sorted_indices=True),
+            )
+            y = self.down_proj(h, sorted_ids, sorted_indices=True).squeeze(-2)
+            y = y[pairs.inverse_order].reshape(N, k, -1)
         return (y * mx.expand_dims(weights, -1).astype(y.dtype)).sum(axis=-2)
 
 

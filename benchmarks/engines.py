@@ -15,9 +15,8 @@ trial produces exactly the tokens asked for. The harness (`benchmarks.trials`) o
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -73,10 +72,30 @@ class MlxEngine:
     name = ""
     measures_memory = True
 
-    def __init__(self, model: nn.Module, tokenizer: Any, prefill_step_size: int):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        prefill_step_size: int,
+        stream_generate: Callable[..., Iterator[Any]],
+        **options: Any,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.prefill_step_size = prefill_step_size
+        self._stream_generate = stream_generate
+        self._options = options
+
+    def stream(self, prompt: list[int], max_tokens: int) -> Iterator[tuple[int, bool]]:
+        for response in self._stream_generate(
+            self.model,
+            self.tokenizer,
+            prompt,
+            max_tokens=max_tokens,
+            prefill_step_size=self.prefill_step_size,
+            **self._options,
+        ):
+            yield response.token, response.from_draft
 
     @property
     def weight_nbytes(self) -> int:
@@ -98,33 +117,14 @@ class Ours(MlxEngine):
 
         model, tokenizer = load(model_dir)
         never_stop = dataclasses.replace(tokenizer, eos_token_ids=frozenset())
-        super().__init__(model, never_stop, prefill_step_size)
-        self._stream_generate = stream_generate
-        self._options: dict[str, Any] = {}
-        if draft is not None:
-            if "draft" not in inspect.signature(stream_generate).parameters:
-                raise EngineError(
-                    "--draft: gemma_mlx.generate.stream_generate takes no `draft` option in this "
-                    "checkout yet"
-                )
-            self._options["draft"] = draft
+        options = {} if draft is None else {"draft": draft}
+        super().__init__(model, never_stop, prefill_step_size, stream_generate, **options)
         self.description = (
             f"gemma_mlx {gemma_mlx.__version__}: {describe_weights(model)}; "
             f"prefill chunks of {prefill_step_size}; MLX {mx.__version__} "
             f"{mx.default_device()}; BLAS: {_platform.describe_blas()}"
             + (f"; draft: {draft}" if draft else "")
         )
-
-    def stream(self, prompt: list[int], max_tokens: int) -> Iterator[tuple[int, bool]]:
-        for response in self._stream_generate(
-            self.model,
-            self.tokenizer,
-            prompt,
-            max_tokens,
-            prefill_step_size=self.prefill_step_size,
-            **self._options,
-        ):
-            yield response.token, response.from_draft
 
 
 class MlxLm(MlxEngine):
@@ -158,22 +158,11 @@ class MlxLm(MlxEngine):
             treatment = "given our loader's treatment"
         mx.eval(model.parameters())
         tokenizer._eos_token_ids = set()  # as mlx_lm.benchmark does: never stop early
-        super().__init__(model, tokenizer, prefill_step_size)
-        self._stream_generate = mlx_lm.stream_generate
+        super().__init__(model, tokenizer, prefill_step_size, mlx_lm.stream_generate)
         self.description = (
             f"mlx-lm {package_version('mlx-lm')}: mlx_lm.load of the same directory, {treatment}: "
             f"{describe_weights(model)}; prefill chunks of {prefill_step_size}"
         )
-
-    def stream(self, prompt: list[int], max_tokens: int) -> Iterator[tuple[int, bool]]:
-        for response in self._stream_generate(
-            self.model,
-            self.tokenizer,
-            prompt,
-            max_tokens=max_tokens,
-            prefill_step_size=self.prefill_step_size,
-        ):
-            yield response.token, response.from_draft
 
 
 class LlamaCpp:

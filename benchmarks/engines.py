@@ -9,6 +9,9 @@ trial produces exactly the tokens asked for. The harness (`benchmarks.trials`) o
   float32 except the per-layer-embedding table, floating weights cast to float32), so the two
   differ only in their implementation; on the CPU with OpenBLAS preloaded this is also mlx-lm's
   fastest setting. With `default_conversion`, the weights `mlx_lm.convert -q` would make instead.
+  On Linux every product of an mlx-lm trial goes through OpenBLAS's sgemm, as in mlx-lm's own
+  process; `with_routing` gives it our routing of few-row products (`gemma_mlx/_blas_route.c`)
+  too, which says how much of a gap is that routing and how much the rest of the stack.
 - `LlamaCpp`: llama-cpp-python on the source GGUF, all cores, its default f16 KV cache.
 """
 
@@ -78,24 +81,29 @@ class MlxEngine:
         tokenizer: Any,
         prefill_step_size: int,
         stream_generate: Callable[..., Iterator[Any]],
+        few_row_routing: bool,
         **options: Any,
     ):
         self.model = model
+        self.few_row_routing = few_row_routing
         self.tokenizer = tokenizer
         self.prefill_step_size = prefill_step_size
         self._stream_generate = stream_generate
         self._options = options
 
     def stream(self, prompt: list[int], max_tokens: int) -> Iterator[tuple[int, bool]]:
-        for response in self._stream_generate(
-            self.model,
-            self.tokenizer,
-            prompt,
-            max_tokens=max_tokens,
-            prefill_step_size=self.prefill_step_size,
-            **self._options,
-        ):
-            yield response.token, response.from_draft
+        with _platform.few_row_routing_set(
+            self.few_row_routing
+        ):  # engines alternate in one process
+            for response in self._stream_generate(
+                self.model,
+                self.tokenizer,
+                prompt,
+                max_tokens=max_tokens,
+                prefill_step_size=self.prefill_step_size,
+                **self._options,
+            ):
+                yield response.token, response.from_draft
 
     @property
     def weight_nbytes(self) -> int:
@@ -118,7 +126,14 @@ class Ours(MlxEngine):
         model, tokenizer = load(model_dir)
         never_stop = dataclasses.replace(tokenizer, eos_token_ids=frozenset())
         options = {} if draft is None else {"draft": draft}
-        super().__init__(model, never_stop, prefill_step_size, stream_generate, **options)
+        super().__init__(
+            model,
+            never_stop,
+            prefill_step_size,
+            stream_generate,
+            _platform.few_row_routing,
+            **options,
+        )
         self.description = (
             f"gemma_mlx {gemma_mlx.__version__}: {describe_weights(model)}; "
             f"prefill chunks of {prefill_step_size}; MLX {mx.__version__} "
@@ -134,7 +149,12 @@ class MlxLm(MlxEngine):
     name = "mlx-lm"
 
     def __init__(
-        self, model_dir: Path, prefill_step_size: int, like: Ours, default_conversion: bool = False
+        self,
+        model_dir: Path,
+        prefill_step_size: int,
+        like: Ours,
+        default_conversion: bool = False,
+        with_routing: bool = False,
     ):
         import mlx_lm
 
@@ -158,11 +178,44 @@ class MlxLm(MlxEngine):
             treatment = "given our loader's treatment"
         mx.eval(model.parameters())
         tokenizer._eos_token_ids = set()  # as mlx_lm.benchmark does: never stop early
-        super().__init__(model, tokenizer, prefill_step_size, mlx_lm.stream_generate)
+        if with_routing:
+            self.name += "+route"
+        super().__init__(model, tokenizer, prefill_step_size, mlx_lm.stream_generate, with_routing)
+        products = "few-row products routed (ours)" if with_routing else "products as sgemm"
         self.description = (
             f"mlx-lm {package_version('mlx-lm')}: mlx_lm.load of the same directory, {treatment}: "
-            f"{describe_weights(model)}; prefill chunks of {prefill_step_size}"
+            f"{describe_weights(model)}; prefill chunks of {prefill_step_size}; {products}"
         )
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        return "amx_tile" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def load_llama(path: str, **options: Any) -> Any:
+    """`llama_cpp.Llama(path, **options)`, without ggml's extra (repacked) weight buffers on CPUs
+    with AMX: there ggml's AMX matmul segfaults on the Gemma 3 270M (llama-cpp-python 0.3.36, 2-core
+    Xeon). `Llama` does not expose the switch, so its default model parameters are patched for
+    the load."""
+    import llama_cpp
+
+    if not _cpu_has_amx():
+        return llama_cpp.Llama(path, **options)
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def without_extra_buffers() -> Any:
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama_cpp.llama_model_default_params = without_extra_buffers
+    try:
+        return llama_cpp.Llama(path, **options)
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = defaults
 
 
 class LlamaCpp:
@@ -173,12 +226,12 @@ class LlamaCpp:
 
     def __init__(self, gguf: Path, context: int, threads: int | None = None):
         try:
-            from llama_cpp import Llama
+            import llama_cpp  # noqa: F401
         except ImportError as e:
             raise EngineError("--vs llama.cpp: pip install llama-cpp-python") from e
         self.gguf = gguf
         threads = threads or os.cpu_count() or 1
-        self.llm = Llama(
+        self.llm = load_llama(
             str(gguf),
             n_ctx=context,
             n_threads=threads,

@@ -11,6 +11,8 @@ trial-by-trial ratio of our speed to its own (> 1: we are faster).
 
 Peers: `mlx-lm` runs `mlx_lm.stream_generate` on the same directory with the same weight treatment
 as ours (on the CPU: dense float32 with OpenBLAS, mlx-lm's fastest setting there);
+`mlx-lm+route` the same with our routing of few-row products past OpenBLAS's sgemm (Linux; see
+`gemma_mlx/_platform.py`), which separates that routing from the rest of the stack;
 `mlx-lm-default` on what `mlx_lm.convert -q` would have made of the weights (4-bit, group 64, in
 the checkpoint's dtype: very slow on the CPU backend, use short prompts); `llama.cpp` runs
 llama-cpp-python on the source GGUF.
@@ -60,7 +62,7 @@ from gemma_mlx.generate import default_prefill_step_size
 from gemma_mlx.loading import read_config
 
 EXIT_BAD_INPUT = 2
-PEERS = ("mlx-lm", "mlx-lm-default", "llama.cpp")
+PEERS = ("mlx-lm", "mlx-lm+route", "mlx-lm-default", "llama.cpp")
 TEXT_PROMPT = Path(__file__).parent / "prompt.txt"
 SCHEMA = 1
 TABLE_COLUMNS = (
@@ -256,6 +258,10 @@ def peers(args: argparse.Namespace, source: ModelSource, ours: Ours, cases: list
     engines = []
     if "mlx-lm" in args.vs:
         engines.append(MlxLm(source.directory, ours.prefill_step_size, like=ours))
+    if "mlx-lm+route" in args.vs:
+        engines.append(
+            MlxLm(source.directory, ours.prefill_step_size, like=ours, with_routing=True)
+        )
     if "mlx-lm-default" in args.vs:
         engines.append(
             MlxLm(source.directory, ours.prefill_step_size, like=ours, default_conversion=True)

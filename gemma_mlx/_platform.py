@@ -1,58 +1,133 @@
 """What the machine under MLX is, decided once, before `mlx.core` is imported.
 
 MLX's Linux CPU wheel links the reference (netlib) BLAS: float32 GEMMs run at ~3 GFLOP/s.
-Loading an OpenBLAS with global symbol scope *before* MLX is imported makes MLX's
-`cblas_sgemm` resolve to it (~30x faster prefill). This module must therefore be imported
-by `gemma_mlx/__init__.py` ahead of anything that imports MLX.
+A `cblas_sgemm` loaded with global symbol scope *before* MLX is imported takes the place of
+the bundled one. Ours is `_blas_route` (a small C extension) bound to OpenBLAS: products with
+one row or column, which is every weight product of decoding, run as OpenBLAS's sgemv (~4x the
+bytes per second of its sgemm there), those of 2-8 rows (a speculative verify) by its own
+kernel that streams the weights once, the rest as OpenBLAS's sgemm (~30x the reference BLAS for
+prefill). This module must therefore be imported by `gemma_mlx/__init__.py` ahead of anything
+that imports MLX.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 import sys
-import sysconfig
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-# Candidates in order of preference. Debian's pthread build measured fastest here;
-# cmeel-openblas (a PyPI wheel with plain symbol names) is the fallback on a fresh machine.
+BLAS_ENV = "GEMMA_MLX_BLAS"  # a path to an OpenBLAS library, or "off"
+ROUTE_ENV = "GEMMA_MLX_ROUTE"  # "off": every product through sgemm (MLX's own behaviour)
+_OFF = {"off", "none", "0", "false"}
+
+# Debian's libopenblas0-pthread, used when the scipy-openblas32 wheel is missing.
 _SYSTEM_OPENBLAS = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3",
     "/usr/lib/aarch64-linux-gnu/openblas-pthread/libblas.so.3",
 )
-_WHEEL_OPENBLAS = Path("cmeel.prefix") / "lib" / "libopenblas.so.0"
-
-BLAS_ENV = "GEMMA_MLX_BLAS"  # a path to a BLAS library, or "off"
+# scipy-openblas32 (a dependency on Linux) prefixes its symbols; Debian's does not.
+_SYMBOL_PREFIXES = ("scipy_", "")
 
 blas_in_use: str = "mlx default"
+few_row_routing: bool = os.environ.get(ROUTE_ENV, "").lower() not in _OFF  # the process's setting
+_router: ctypes.CDLL | None = None
 
 
 def _openblas_candidates() -> list[str]:
     wanted = os.environ.get(BLAS_ENV, "")
     if wanted:
-        return [] if wanted.lower() in {"off", "none", "0"} else [wanted]
-    site = Path(sysconfig.get_paths()["purelib"])
-    return [*_SYSTEM_OPENBLAS, str(site / _WHEEL_OPENBLAS)]
+        return [] if wanted.lower() in _OFF else [wanted]
+    candidates = []
+    if importlib.util.find_spec("scipy_openblas32") is not None:
+        import scipy_openblas32
+
+        candidates.append(str(Path(scipy_openblas32.get_lib_dir()) / "libscipy_openblas.so"))
+    return [*candidates, *_SYSTEM_OPENBLAS]
+
+
+def _router_path() -> str | None:
+    spec = importlib.util.find_spec("gemma_mlx._blas_route")
+    return spec.origin if spec is not None else None
+
+
+def _blas_functions(lib: ctypes.CDLL) -> tuple[str, int, int] | None:
+    """(symbol prefix, address of sgemm, address of sgemv) in an OpenBLAS, or None."""
+    for prefix in _SYMBOL_PREFIXES:
+        try:
+            sgemm = getattr(lib, f"{prefix}cblas_sgemm")
+            sgemv = getattr(lib, f"{prefix}cblas_sgemv")
+        except AttributeError:
+            continue
+        return (
+            prefix,
+            ctypes.cast(sgemm, ctypes.c_void_p).value,
+            ctypes.cast(sgemv, ctypes.c_void_p).value,
+        )
+    return None
 
 
 def preload_blas() -> str:
-    """Load an OpenBLAS into the global symbol scope on Linux; return what is in use."""
-    global blas_in_use
+    """Put a fast `cblas_sgemm` in the global symbol scope on Linux; return what is in use."""
+    global blas_in_use, _router
     if not sys.platform.startswith("linux") or "mlx.core" in sys.modules:
         return blas_in_use
+    router_path = _router_path()
     for path in _openblas_candidates():
         if not Path(path).exists():
             continue
         try:
-            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
         except OSError:
             continue
-        blas_in_use = f"OpenBLAS ({path})"
-        break
+        found = _blas_functions(lib)
+        if found is None:
+            continue
+        prefix, sgemm, sgemv = found
+        if router_path is not None:
+            _router = ctypes.CDLL(router_path, mode=ctypes.RTLD_GLOBAL)
+            _router.gemma_blas_bind(
+                ctypes.c_void_p(sgemm), ctypes.c_void_p(sgemv), int(few_row_routing)
+            )
+            products = (
+                "products of 1-8 rows routed" if few_row_routing else f"routing off ({ROUTE_ENV})"
+            )
+            blas_in_use = f"OpenBLAS ({path}; {products})"
+            return blas_in_use
+        if not prefix:  # no router built: MLX binds to the library's own cblas_sgemm
+            blas_in_use = f"OpenBLAS ({path})"
+            return blas_in_use
     return blas_in_use
 
 
 preload_blas()
+
+
+@contextmanager
+def few_row_routing_set(on: bool) -> Iterator[bool]:
+    """Few-row products routed (or not) inside the block, the process's setting after it;
+    yields False where there is no router. For comparisons that run engines in turn."""
+    if _router is None:
+        yield False
+        return
+    _router.gemma_blas_set_routing(int(on))
+    try:
+        yield True
+    finally:
+        _router.gemma_blas_set_routing(int(few_row_routing))
+
+
+def blas_product_counts() -> tuple[int, int, int] | None:
+    """Products since start-up run (as sgemv, by the few-row kernel, as sgemm); None without
+    the router."""
+    if _router is None:
+        return None
+    counts = (ctypes.c_int64 * 3)()
+    _router.gemma_blas_counts(counts)
+    return counts[0], counts[1], counts[2]
 
 
 def describe_blas() -> str:
@@ -61,9 +136,10 @@ def describe_blas() -> str:
         return blas_in_use
     if not sys.platform.startswith("linux"):
         return "Accelerate (macOS)" if sys.platform == "darwin" else blas_in_use
-    if os.environ.get(BLAS_ENV, "").lower() in {"off", "none", "0"}:
+    if os.environ.get(BLAS_ENV, "").lower() in _OFF:
         return f"MLX's bundled reference BLAS ({BLAS_ENV}=off)"
     return (
-        "MLX's bundled reference BLAS (slow float32 products: install Debian's "
-        "libopenblas0-pthread or `pip install cmeel-openblas`)"
+        "MLX's bundled reference BLAS (slow float32 products: reinstall gemma-mlx with a C "
+        "compiler present and `pip install scipy-openblas32`, or install Debian's "
+        "libopenblas0-pthread)"
     )

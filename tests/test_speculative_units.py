@@ -67,9 +67,11 @@ def simulate(
     b: float,
     rounds: int = 300,
     noise: float = 0.0,
+    step: float | None = None,
 ):
     """Feed the controller rounds of a synthetic drafter; returns the draft lengths it chose.
 
+    A round with k drafts costs a + b k, a plain step (k = 0) `step` where given (else a).
     `noise`: each round's time is multiplied by a log-normal factor of that sigma (a busy CPU)."""
     rng = np.random.default_rng(2)
     chosen = []
@@ -78,13 +80,15 @@ def simulate(
         accepted = 0
         while accepted < k and rng.random() < alpha:
             accepted += 1
-        controller.observe(k, accepted, (a + b * k) * rng.lognormal(0.0, noise))
+        cost = step if k == 0 and step is not None else a + b * k
+        controller.observe(k, accepted, cost * rng.lognormal(0.0, noise))
         chosen.append(k)
     return chosen
 
 
-def speed(k: int, alpha: float, a: float, b: float) -> float:
-    return (1 - alpha ** (k + 1)) / (1 - alpha) / (a + b * k)
+def speed(k: int, alpha: float, a: float, b: float, step: float | None = None) -> float:
+    cost = step if k == 0 and step is not None else a + b * k
+    return (1 - alpha ** (k + 1)) / (1 - alpha) / cost
 
 
 @pytest.mark.parametrize(
@@ -111,3 +115,16 @@ def test_adaptive_draft_length_keeps_poor_drafts_short_on_a_noisy_clock():
     achieved = np.mean([speed(k, alpha, 1.0, b) for k in late])
     assert achieved > 0.95 * max(speed(k, alpha, 1.0, b) for k in range(9))
     assert max(late) <= 3
+
+
+@pytest.mark.parametrize(("alpha", "b"), [(0.85, 0.08), (0.5, 0.08), (0.25, 0.4)])
+def test_adaptive_draft_length_when_a_verify_costs_more_than_a_step(alpha, b):
+    """On the CPU backend a plain step is a one-row product and a verify a few-row one: a verify
+    costs ~1.7 steps, then little per draft. The controller must not read the step's cost off
+    the verify rounds' line: long drafts pay with good drafts, none with poor ones."""
+    a, step = 1.7, 1.0
+    chosen = simulate(AdaptiveDraftLength(max_draft=8), alpha, a, b, rounds=400, step=step)
+    late = chosen[100:]
+    best = max(range(9), key=lambda k: speed(k, alpha, a, b, step))
+    achieved = np.mean([speed(k, alpha, a, b, step) for k in late])
+    assert achieved > 0.95 * speed(best, alpha, a, b, step), (best, np.bincount(late))

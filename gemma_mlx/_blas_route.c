@@ -33,7 +33,7 @@ typedef void (*sgemv_fn)(int order, int trans, int m, int n, float alpha, const 
 static sgemm_fn backend_sgemm;
 static sgemv_fn backend_sgemv;
 static int routing;
-static int64_t calls[3]; /* sgemv, small-M kernel, sgemm */
+static int64_t calls[3]; /* sgemv, few-row kernel, sgemm */
 
 /* Bind to a backend's sgemm and sgemv; `route` = 0 forwards every product to sgemm. */
 void gemma_blas_bind(void *sgemm, void *sgemv, int route) {
@@ -44,7 +44,7 @@ void gemma_blas_bind(void *sgemm, void *sgemv, int route) {
 
 void gemma_blas_set_routing(int route) { __atomic_store_n(&routing, route, __ATOMIC_SEQ_CST); }
 
-/* Products run since load: as sgemv, by the small-M kernel, as sgemm. */
+/* Products run since load: as sgemv, by the few-row kernel, as sgemm. */
 void gemma_blas_counts(int64_t counts[3]) {
     for (int i = 0; i < 3; ++i) counts[i] = __atomic_load_n(&calls[i], __ATOMIC_RELAXED);
 }
@@ -108,7 +108,7 @@ static void *run_rows_thread(void *job) {
 
 /* Split the weight rows across up to one thread per core, each with enough weights to pay
  * for starting it; a thread that cannot start leaves its share to this one. */
-static void small_m_product(struct rows_job job) {
+static void few_row_product(struct rows_job job) {
     static long cores;
     if (cores == 0) cores = sysconf(_SC_NPROCESSORS_ONLN);
     int64_t by_work = (int64_t)job.n1 * job.k / MIN_WEIGHTS_PER_THREAD;
@@ -163,7 +163,7 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
     }
     if (shaped && m <= SMALL_M && trans_a == NO_TRANS && trans_b != NO_TRANS) {
         __atomic_fetch_add(&calls[1], 1, __ATOMIC_RELAXED);
-        small_m_product((struct rows_job){m, k, 0, n, lda, ldb, ldc, alpha, beta, a, b, c});
+        few_row_product((struct rows_job){m, k, 0, n, lda, ldb, ldc, alpha, beta, a, b, c});
         return;
     }
     __atomic_fetch_add(&calls[2], 1, __ATOMIC_RELAXED);

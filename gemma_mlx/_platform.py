@@ -45,7 +45,8 @@ def _openblas_candidates() -> list[str]:
     if importlib.util.find_spec("scipy_openblas32") is not None:
         import scipy_openblas32
 
-        candidates.append(str(Path(scipy_openblas32.get_lib_dir()) / "libscipy_openblas.so"))
+        lib_dir, name = scipy_openblas32.get_lib_dir(), scipy_openblas32.get_library()
+        candidates.append(str(Path(lib_dir) / f"lib{name}.so"))
     return [*candidates, *_SYSTEM_OPENBLAS]
 
 
@@ -139,7 +140,7 @@ def describe_blas() -> str:
     if os.environ.get(BLAS_ENV, "").lower() in _OFF:
         return f"MLX's bundled reference BLAS ({BLAS_ENV}=off)"
     return (
-        "MLX's bundled reference BLAS (slow float32 products: reinstall gemma-mlx with a C "
-        "compiler present and `pip install scipy-openblas32`, or install Debian's "
-        "libopenblas0-pthread)"
+        "MLX's bundled reference BLAS (slow float32 products: reinstall gemma-mlx where a C "
+        "compiler is present, which builds gemma_mlx/_blas_route.c for the scipy-openblas32 "
+        "wheel, or install Debian's libopenblas0-pthread)"
     )

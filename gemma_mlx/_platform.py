@@ -77,11 +77,14 @@ def preload_blas() -> str:
     if not sys.platform.startswith("linux") or "mlx.core" in sys.modules:
         return blas_in_use
     router_path = _router_path()
+    # With the router, OpenBLAS stays out of the global scope: its own unprefixed cblas_sgemm
+    # (Debian's) would otherwise come first and MLX would bypass the router.
+    mode = ctypes.RTLD_LOCAL if router_path is not None else ctypes.RTLD_GLOBAL
     for path in _openblas_candidates():
         if not Path(path).exists():
             continue
         try:
-            lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            lib = ctypes.CDLL(path, mode=mode)
         except OSError:
             continue
         found = _blas_functions(lib)

@@ -92,9 +92,8 @@ class MlxEngine:
         self._options = options
 
     def stream(self, prompt: list[int], max_tokens: int) -> Iterator[tuple[int, bool]]:
-        with _platform.few_row_routing_set(
-            self.few_row_routing
-        ):  # engines alternate in one process
+        # Engines alternate in one process: each trial runs with its own BLAS routing.
+        with _platform.few_row_routing_set(self.few_row_routing):
             for response in self._stream_generate(
                 self.model,
                 self.tokenizer,

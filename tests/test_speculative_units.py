@@ -121,9 +121,11 @@ def test_adaptive_draft_length_keeps_poor_drafts_short_on_a_noisy_clock():
 def test_adaptive_draft_length_when_a_verify_costs_more_than_a_step(alpha, b):
     """On the CPU backend a plain step is a one-row product and a verify a few-row one: a verify
     costs ~1.7 steps, then little per draft. The controller must not read the step's cost off
-    the verify rounds' line: long drafts pay with good drafts, none with poor ones."""
+    the verify rounds' line, so its first round is a plain step; then long drafts pay with good
+    drafts, none with poor ones."""
     a, step = 1.7, 1.0
     chosen = simulate(AdaptiveDraftLength(max_draft=8), alpha, a, b, rounds=400, step=step)
+    assert chosen[0] == 0, "the plain step's cost is measured, not extrapolated"
     late = chosen[100:]
     best = max(range(9), key=lambda k: speed(k, alpha, a, b, step))
     achieved = np.mean([speed(k, alpha, a, b, step) for k in late])

@@ -133,6 +133,8 @@ def describe(measure_bandwidth: bool = True) -> Machine:
         memory_gb=round(memory / 1e9, 1),
         mlx_version=mx.__version__,
         backend=kind,
-        blas=_platform.describe_blas(),
+        blas=re.sub(
+            r"/\S*/", "", _platform.describe_blas()
+        ),  # the library's name, not where it lies
         bandwidth=bandwidth,
     )

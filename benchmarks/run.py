@@ -57,8 +57,8 @@ from benchmarks.machine import describe
 from benchmarks.roofline import Roofline
 from benchmarks.tiny_model import TINY_PREFIX, write_tiny_model
 from benchmarks.trials import Series, Spread, run_trial
+from gemma_mlx.decode import default_prefill_step_size
 from gemma_mlx.errors import GemmaMLXError
-from gemma_mlx.generate import default_prefill_step_size
 from gemma_mlx.loading import read_config
 
 EXIT_BAD_INPUT = 2

@@ -28,8 +28,8 @@ import gemma_mlx  # noqa: F401  (preloads OpenBLAS before MLX is imported)
 import mlx.core as mx
 
 from benchmarks.train_drafter import EVAL_PROMPTS, PROMPTS, load_target
+from gemma_mlx.decode import generate_tokens
 from gemma_mlx.drafters import AssistantDrafter, ModelDrafter, PromptLookupDrafter
-from gemma_mlx.generate import generate_tokens
 from gemma_mlx.loading import load_model
 from gemma_mlx.sample import greedy
 from gemma_mlx.speculative import (

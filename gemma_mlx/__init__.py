@@ -21,8 +21,8 @@ __all__ = [
 ]
 
 # `python -m gemma_mlx.generate` runs that module a second time, as __main__, after this package
-# imported it above; harmless (its `main` only calls `gemma_mlx.cli.run`), so runpy's warning
-# about it would only confuse users.
+# imported it above; harmless (as __main__ it only calls `gemma_mlx.cli.main`), so runpy's
+# warning about it would only confuse users.
 warnings.filterwarnings(
     "ignore", message=r"'gemma_mlx\.generate' found in sys\.modules", category=RuntimeWarning
 )

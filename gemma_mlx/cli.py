@@ -14,7 +14,13 @@ import time
 from collections.abc import Sequence
 from typing import Any, ClassVar, TextIO
 
+import mlx.core as mx
+
+from gemma_mlx import _platform
+from gemma_mlx.chat import ChatSession
 from gemma_mlx.errors import GemmaMLXError
+from gemma_mlx.generate import print_stats, stream_generate
+from gemma_mlx.hub import load, resolve_model
 from gemma_mlx.sample import OptionError, check_sampling_options
 from gemma_mlx.tokenizer import ANSWER, THOUGHT, TOOL_CALL
 
@@ -202,16 +208,11 @@ def generation_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def load_model(args: argparse.Namespace):
-    from gemma_mlx import _platform
-    from gemma_mlx.hub import load, resolve_model
-
     start = time.perf_counter()
     path = resolve_model(args.model)
     model, tokenizer = load(path)
     model.path = path  # where --draft-model auto looks for an assistant
     if args.verbose:
-        import mlx.core as mx
-
         print(f"BLAS: {_platform.describe_blas()}", file=sys.stderr)
         print(f"Device: {mx.default_device()}", file=sys.stderr)
         print(f"Model: {path} ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
@@ -235,8 +236,6 @@ def uses_chat_template(args: argparse.Namespace, tokenizer) -> bool:
 
 
 def run_once(args, model, tokenizer, prompt: str, out: TextOutput) -> None:
-    from gemma_mlx.generate import print_stats, stream_generate
-
     if uses_chat_template(args, tokenizer):
         messages = [{"role": "system", "content": args.system}] if args.system else []
         prompt = [*messages, {"role": "user", "content": prompt}]
@@ -255,9 +254,6 @@ def run_once(args, model, tokenizer, prompt: str, out: TextOutput) -> None:
 
 
 def run_chat(args, model, tokenizer, first: str | None, out: TextOutput) -> None:
-    from gemma_mlx.chat import ChatSession
-    from gemma_mlx.generate import print_stats
-
     uses_chat_template(args, tokenizer)
     session = ChatSession(
         model,
@@ -322,3 +318,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(file=sys.stderr)
         return 130
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `gemma-mlx` console script and `python -m gemma_mlx.generate`."""
+    return run(argv)

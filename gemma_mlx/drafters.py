@@ -1,4 +1,4 @@
-"""Drafters for `speculative_generate_step`: a Gemma 4 MTP assistant, a separate small model, prompt lookup.
+"""Drafters for the speculative loop (`gemma_mlx.speculative`): a Gemma 4 MTP assistant, a separate small model, prompt lookup.
 
 - `AssistantDrafter`: the assistant's queries attend to the target's own K/V (the last non-KV-shared
   target layer of each type), read from the target caches after they were trimmed to the committed
@@ -21,7 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from gemma_mlx.generate import TokenStep, default_prefill_step_size, generate_tokens, prefill
+from gemma_mlx.decode import TokenStep, default_prefill_step_size, generate_tokens, prefill
 from gemma_mlx.models import gemma4_assistant
 from gemma_mlx.models.gemma4_assistant import kv_producers
 from gemma_mlx.sample import FilteredSampler, OptionError, Sampler, greedy

@@ -15,3 +15,7 @@ class WeightsError(GemmaMLXError, ValueError):
 
 class ModelTooLargeError(GemmaMLXError, MemoryError):
     """The model would not fit in this machine's memory."""
+
+
+class PromptError(GemmaMLXError, ValueError):
+    """An empty prompt, or one the model's context cannot hold."""

@@ -1,26 +1,30 @@
-"""Text generation: `stream_generate`, `generate`, and the `gemma-mlx` command line.
+"""Text generation: `stream_generate` and `generate` (the command line is `gemma_mlx.cli`).
 
-Three layers, so a draft/verify loop (MTP) can replace the middle one:
-1. `prefill` feeds prompt tokens into the KV cache in chunks, computing no logits.
-2. `generate_tokens` yields `TokenStep`s: one forward pass per token, pipelined so the step for
-   token n+1 is queued (`mx.async_eval`) before token n is handed out.
-3. `stream_generate` turns steps into `GenerationResponse`s: detokenization, stop conditions,
-   statistics (mlx-lm's field names and wording).
+`stream_generate` turns the token steps of `gemma_mlx.decode.generate_tokens` (or, with a drafter,
+of the speculative loop) into `GenerationResponse`s: detokenization, stop conditions, statistics
+(mlx-lm's field names and wording).
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
 
-from gemma_mlx.errors import GemmaMLXError
+from gemma_mlx.decode import (
+    ProgressCallback,
+    TokenGenerator,
+    TokenStep,
+    context_length,
+    generate_tokens,
+)
+from gemma_mlx.drafters import speculative_steps
+from gemma_mlx.errors import PromptError
 from gemma_mlx.sample import (
     LogitsProcessor,
     OptionError,
@@ -28,17 +32,10 @@ from gemma_mlx.sample import (
     make_logits_processors,
     make_sampler,
 )
+from gemma_mlx.speculative import SpeculationStats
 from gemma_mlx.tokenizer import ANSWER, Tokenizer
 
 Prompt = str | Sequence[int] | mx.array | Sequence[Mapping[str, Any]]
-ProgressCallback = Callable[[int, int], None]
-# generate_tokens' signature: (model, prompt, cache, sampler, logits_processors, max_tokens,
-# prefill_step_size, progress) -> TokenSteps or (token, logprobs, from_draft) tuples.
-TokenGenerator = Callable[..., Iterator[Any]]
-
-
-class PromptError(GemmaMLXError, ValueError):
-    """An empty prompt, or one the model's context cannot hold."""
 
 
 @dataclass
@@ -61,114 +58,7 @@ class GenerationResponse:
     peak_memory: float
     finish_reason: str | None = None
     channel: str = ANSWER
-    speculation: Any = None  # SpeculationStats (drafts proposed/accepted) when drafting, live
-
-
-@dataclass
-class TokenStep:
-    """What a token generator yields: a token, its distribution, and who proposed it."""
-
-    token: int
-    logprobs: mx.array
-    from_draft: bool = False
-
-
-def default_prefill_step_size() -> int:
-    """Chunk length for prompt processing: smaller on the CPU, where a chunk's attention
-    scores and activations are not hidden behind fast memory."""
-    return 512 if mx.default_device() == mx.cpu else 2048
-
-
-def context_length(model: Any) -> int | None:
-    """The longest sequence the model was trained for (`max_position_embeddings`), if known."""
-    args = getattr(model, "args", None)
-    value = getattr(args, "max_position_embeddings", None)
-    return value if isinstance(value, int) else None
-
-
-def _accepts_logits_to_keep(model: Any) -> bool:
-    try:
-        return "logits_to_keep" in inspect.signature(model.__call__).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def prefill(
-    model: Any,
-    cache: list,
-    tokens: Sequence[int],
-    step_size: int,
-    progress: ProgressCallback | None = None,
-) -> None:
-    """Feed `tokens` into `cache` in chunks of `step_size`; no logits are computed.
-
-    Only the cache is evaluated, so the output projection of a chunk never runs.
-    """
-    kwargs = {"logits_to_keep": 0} if _accepts_logits_to_keep(model) else {}
-    total = len(tokens)
-    for start in range(0, total, step_size):
-        chunk = mx.array(tokens[start : start + step_size], dtype=mx.int32)[None]
-        model(chunk, cache=cache, **kwargs)
-        mx.eval([c.state for c in cache])
-        if progress is not None:
-            progress(min(start + step_size, total), total)
-        mx.clear_cache()
-
-
-def generate_tokens(
-    model: Any,
-    prompt: Sequence[int],
-    cache: list,
-    sampler: Sampler,
-    logits_processors: Sequence[LogitsProcessor] = (),
-    max_tokens: int = 256,
-    prefill_step_size: int | None = None,
-    progress: ProgressCallback | None = None,
-) -> Iterator[TokenStep]:
-    """Yield up to `max_tokens` tokens following `prompt`, whose first tokens may already be
-    in `cache` (`cache[0].offset` of them); the rest is prefilled in chunks.
-
-    On return the cache holds the prompt and every yielded token whose successor was queued:
-    `prompt + tokens[: cache[0].offset - len(prompt)]`.
-    """
-    done = cache[0].offset if cache else 0
-    if not 0 <= done < len(prompt):
-        raise PromptError(
-            f"the cache holds {done} tokens; the prompt must extend it ({len(prompt)} tokens)"
-        )
-    step_size = prefill_step_size or default_prefill_step_size()
-    total = len(prompt) - done
-
-    def report(n: int, _: int) -> None:
-        if progress is not None:
-            progress(n, total)
-
-    prefill(model, cache, prompt[done:-1], step_size, report)
-    history = mx.array(prompt[:-1], dtype=mx.int32)
-
-    def step(token: mx.array) -> tuple[mx.array, mx.array]:
-        nonlocal history
-        logits = model(token[None], cache=cache)[:, -1, :]
-        if logits_processors:
-            history = mx.concatenate([history, token])
-            for processor in logits_processors:
-                logits = processor(history, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        return sampler(logprobs), logprobs[0]
-
-    y, logprobs = step(mx.array(prompt[-1:], dtype=mx.int32))
-    mx.async_eval(y, logprobs)
-    for n in range(max_tokens):
-        if n + 1 < max_tokens:
-            next_y, next_logprobs = step(y)
-            mx.async_eval(next_y, next_logprobs)
-        if n == 0:
-            report(total, total)
-        yield TokenStep(int(y.item()), logprobs)
-        if n % 256 == 255:
-            mx.clear_cache()
-        if n + 1 < max_tokens:
-            y, logprobs = next_y, next_logprobs
+    speculation: SpeculationStats | None = None  # drafts proposed/accepted when drafting, live
 
 
 class StopStrings:
@@ -291,9 +181,6 @@ def stream_generate(
 
     speculation = None
     if draft is not None:
-        from gemma_mlx.drafters import speculative_steps
-        from gemma_mlx.speculative import SpeculationStats
-
         speculation = SpeculationStats()
         token_generator = functools.partial(
             speculative_steps, draft=draft, num_draft=num_draft, stats=speculation,
@@ -394,11 +281,7 @@ def print_stats(response: GenerationResponse, file=None) -> None:
         )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from gemma_mlx.cli import run
+if __name__ == "__main__":  # `python -m gemma_mlx.generate`: the command line
+    from gemma_mlx.cli import main
 
-    return run(argv)
-
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from gemma_mlx.builtin import builtin_gguf
 from gemma_mlx.errors import GemmaMLXError
 
 CACHE_ENV = "GEMMA_MLX_CACHE"
@@ -90,9 +91,7 @@ def download(repo_id: str) -> Path:
 def resolve_model(path_or_repo: str | Path | None) -> Path:
     """A model directory for a directory, a .gguf file, a repo id, or None (the built-in model)."""
     if path_or_repo is None:
-        from gemma_mlx.builtin import builtin_model_dir
-
-        return builtin_model_dir()
+        return converted_gguf(builtin_gguf())
     path = Path(path_or_repo).expanduser()
     if path.is_dir():
         return path

@@ -1,7 +1,7 @@
 """Speculative decoding: draft k tokens, verify them in one target forward pass, keep what is exact.
 
 `speculative_tokens` is a token-step generator, the drafting counterpart of
-`gemma_mlx.generate.generate_tokens`, that yields `TokenStep(token, logprobs, from_draft)`:
+`gemma_mlx.decode.generate_tokens`, that yields `TokenStep(token, logprobs, from_draft)`:
 
 - Greedy (temperature 0): drafts are accepted while they equal the target's argmax, then the target's
   own token follows, so the output is the target's greedy output token for token. (A K-token
@@ -26,12 +26,7 @@ from typing import Protocol
 import mlx.core as mx
 import mlx.nn as nn
 
-from gemma_mlx.generate import (
-    PromptError,
-    TokenStep,
-    default_prefill_step_size,
-    prefill,
-)
+from gemma_mlx.decode import TokenStep, log_softmax, prefill_prompt
 from gemma_mlx.kernels import verify as verify_kernels
 
 
@@ -101,46 +96,6 @@ class SpeculationStats:
             self.accepted += n
         else:
             self.decode_steps += 1
-
-
-# --- verification (composed MLX; one graph, evaluated with the round's single sync) ---------
-
-
-def verify_greedy(target_logits: mx.array, drafts: mx.array) -> tuple[mx.array, mx.array]:
-    """(number of drafts accepted, the target's token after them) for logits [K+1, V], drafts [K]."""
-    best = mx.argmax(target_logits, axis=-1).astype(mx.int32)
-    n = mx.cumprod((best[:-1] == drafts).astype(mx.int32)).sum()
-    return n, best[n]
-
-
-def verify_sampling(
-    target_probs: mx.array, draft_probs: mx.array | None, drafts: mx.array, uniforms: mx.array
-) -> tuple[mx.array, mx.array]:
-    """Leviathan et al.'s rejection sampling for one round; returns (accepted, next token).
-
-    `target_probs` [K+1, V] and `draft_probs` [K, V] (None: deterministic drafts, q = one-hot) are
-    the distributions the target would sample from and the drafts were sampled from; `uniforms`
-    [K+1] are U[0, 1): the first K decide acceptance (u < p/q), the last samples the next token
-    by inverse CDF from the residual norm(max(p - q, 0)), or from p after K acceptances.
-    """
-    K = drafts.shape[0]
-    rows = mx.arange(K)
-    p = target_probs[rows, drafts]
-    q = mx.ones_like(p) if draft_probs is None else draft_probs[rows, drafts]
-    n = mx.cumprod((uniforms[:K] * q < p).astype(mx.int32)).sum()
-    row = target_probs[n]
-    vocab = mx.arange(row.shape[-1])
-    padded = mx.concatenate([drafts, mx.array([-1], mx.int32)])
-    if draft_probs is None:
-        residual = mx.where(vocab == padded[n], 0.0, row)
-    else:
-        q_row = mx.concatenate([draft_probs, mx.zeros_like(row)[None]])[n]
-        residual = mx.maximum(row - q_row, 0.0)
-    total = residual.sum()
-    residual, total = mx.where(total > 0, residual, row), mx.where(total > 0, total, row.sum())
-    below = mx.cumsum(residual) <= uniforms[K] * total
-    token = mx.minimum(below.astype(mx.int32).sum(), row.shape[-1] - 1)
-    return n, token
 
 
 # --- draft length ---------------------------------------------------------------------------
@@ -307,7 +262,7 @@ def speculative_tokens(
 ) -> Iterator[TokenStep]:
     """Yield up to `max_tokens` `TokenStep`s after `prompt`, drafting with `drafter`.
 
-    The counterpart of `gemma_mlx.generate.generate_tokens` (same prompt-cache and prefill
+    The counterpart of `gemma_mlx.decode.generate_tokens` (same prompt-cache and prefill
     behaviour): greedy at `temperature` 0, else sampling from softmax(logits / temperature) with
     rejection sampling. `cache` must trim `num_draft` positions (`make_cache(max_trim=...)`).
     `stats` (optional) is updated after every round.
@@ -315,14 +270,7 @@ def speculative_tokens(
     controller = draft_length_controller(num_draft)
     check_trimmable(cache, controller.max_draft)
     stats = stats if stats is not None else SpeculationStats()
-    done = cache[0].offset if cache else 0
-    if not 0 <= done < len(prompt):
-        raise PromptError(
-            f"the cache holds {done} tokens; the prompt must extend it ({len(prompt)} tokens)"
-        )
-    total = len(prompt) - done
-    report = (lambda n, _: progress(n, total)) if progress is not None else None
-    prefill(model, cache, prompt[done:-1], prefill_step_size or default_prefill_step_size(), report)
+    prompt_done = prefill_prompt(model, prompt, cache, prefill_step_size, progress)
 
     # The first round feeds the prompt's last token without drafts: the MTP drafter needs the
     # target's hidden state of the position before the newest token.
@@ -354,24 +302,19 @@ def speculative_tokens(
         context.hidden = hidden[:, n : n + 1]
         if first:
             drafter.prefill(context)
-            if report is not None:
-                report(total, total)
+            prompt_done()
         else:
             controller.observe(k, n, time.perf_counter() - start)
             stats.record(k, n)
             drafter.commit(context, k, n)
         for i, token in enumerate(new_tokens):
             try:
-                yield TokenStep(token, _logprobs(logits[i]), i < n)
+                yield TokenStep(token, log_softmax(logits[i]), i < n)
             except GeneratorExit:  # keep generate_tokens' contract: the cache holds a prefix
                 for c in cache:  # of prompt + yielded tokens
                     c.trim(max(0, len(new_tokens) - 2 - i))
                 raise
         produced += len(new_tokens)
-
-
-def _logprobs(logits: mx.array) -> mx.array:
-    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
 __all__ = [
@@ -383,6 +326,4 @@ __all__ = [
     "Proposal",
     "SpeculationStats",
     "speculative_tokens",
-    "verify_greedy",
-    "verify_sampling",
 ]

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from tiny_chat_model import GEMMA4_CHAT_TEMPLATE, WINDOW, write_model
 
-from gemma_mlx.generate import PromptError, generate, stream_generate
+from gemma_mlx.errors import PromptError
+from gemma_mlx.generate import generate, stream_generate
 from gemma_mlx.loading import load
 from gemma_mlx.sample import make_sampler
 

@@ -9,7 +9,8 @@ import torch
 from speculative_helpers import random_target
 
 from gemma_mlx.drafters import ModelDrafter
-from gemma_mlx.speculative import SpeculationStats, speculative_tokens, verify_sampling
+from gemma_mlx.kernels.verify import verify_sampling_reference as verify_sampling
+from gemma_mlx.speculative import SpeculationStats, speculative_tokens
 
 V, K, RUNS = 8, 3, 40_000
 

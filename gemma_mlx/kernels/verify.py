@@ -2,8 +2,8 @@
 
 A round's verify reduces target rows [K+1, V] over a 262k vocabulary to two integers (drafts
 accepted, next token); the kernel does it in one launch so the round's single host sync reads a
-few integers. The composed-MLX references are `gemma_mlx.speculative`'s `verify_greedy` and
-`verify_sampling`, the code the loop ran before these kernels; they are the tests' oracle.
+few integers. The composed-MLX references below run on other backends and are the kernels'
+oracle (the self-check on first use, and the emulator tests).
 """
 
 from __future__ import annotations
@@ -66,19 +66,44 @@ def _pair(result: mx.array) -> tuple[mx.array, mx.array]:
     return result[:1].reshape(()), result[1:].reshape(())
 
 
-# The references live in the speculative loop, which imports this module: import them on use.
-def verify_greedy_reference(logits: mx.array, drafts: mx.array) -> tuple[mx.array, mx.array]:
-    from gemma_mlx.speculative import verify_greedy
+# --- the composed-MLX references (other backends, and the kernels' oracle) ------------------
 
-    return verify_greedy(logits, drafts)
+
+def verify_greedy_reference(logits: mx.array, drafts: mx.array) -> tuple[mx.array, mx.array]:
+    """(number of drafts accepted, the target's token after them) for logits [K+1, V], drafts [K]."""
+    best = mx.argmax(logits, axis=-1).astype(mx.int32)
+    n = mx.cumprod((best[:-1] == drafts).astype(mx.int32)).sum()
+    return n, best[n]
 
 
 def verify_sampling_reference(
     target_probs: mx.array, draft_probs: mx.array | None, drafts: mx.array, uniforms: mx.array
 ) -> tuple[mx.array, mx.array]:
-    from gemma_mlx.speculative import verify_sampling
+    """Leviathan et al.'s rejection sampling for one round; returns (accepted, next token).
 
-    return verify_sampling(target_probs, draft_probs, drafts, uniforms)
+    `target_probs` [K+1, V] and `draft_probs` [K, V] (None: deterministic drafts, q = one-hot) are
+    the distributions the target would sample from and the drafts were sampled from; `uniforms`
+    [K+1] are U[0, 1): the first K decide acceptance (u < p/q), the last samples the next token
+    by inverse CDF from the residual norm(max(p - q, 0)), or from p after K acceptances.
+    """
+    K = drafts.shape[0]
+    rows = mx.arange(K)
+    p = target_probs[rows, drafts]
+    q = mx.ones_like(p) if draft_probs is None else draft_probs[rows, drafts]
+    n = mx.cumprod((uniforms[:K] * q < p).astype(mx.int32)).sum()
+    row = target_probs[n]
+    vocab = mx.arange(row.shape[-1])
+    padded = mx.concatenate([drafts, mx.array([-1], mx.int32)])
+    if draft_probs is None:
+        residual = mx.where(vocab == padded[n], 0.0, row)
+    else:
+        q_row = mx.concatenate([draft_probs, mx.zeros_like(row)[None]])[n]
+        residual = mx.maximum(row - q_row, 0.0)
+    total = residual.sum()
+    residual, total = mx.where(total > 0, residual, row), mx.where(total > 0, total, row.sum())
+    below = mx.cumsum(residual) <= uniforms[K] * total
+    token = mx.minimum(below.astype(mx.int32).sum(), row.shape[-1] - 1)
+    return n, token
 
 
 def _greedy_check_args(logits: mx.array, drafts: mx.array) -> tuple:

@@ -2,7 +2,7 @@
 
 A decode step reads every active weight once, so `bandwidth / bytes per token` bounds decode
 speed (the roofline). On a Mac the bound is the chip's specified unified-memory bandwidth, from
-the table below (../shared/reference/anchors.md section 5). Elsewhere, `probe` measures a
+the table below (each row names its source). Elsewhere, `probe` measures a
 STREAM-style copy: one thread (MLX's CPU ops run on one thread), bytes read plus bytes written per
 second. It is a probe, not a specification, and is labelled as such wherever it is used.
 """

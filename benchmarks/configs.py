@@ -1,7 +1,7 @@
 """Gemma 4 text configs as data: the five released sizes, and tiny shapes of the same structure.
 
-The real configs follow ../shared/reference/gemma4-architecture.md section 1 (E2B/E4B/26B-A4B/31B
-from Google's code, the 12B from third-party copies of its config.json). Every key is written out,
+The real configs are the sizes table of docs/architecture.md (E2B/E4B/26B-A4B/31B from Google's
+code, the 12B from third-party copies of its config.json). Every key is written out,
 because mlx-lm's `gemma4_text.ModelArgs` defaults (PLE 256, 20 KV-shared layers, double-wide MLP)
 would silently turn on E2B features for a config that omits them.
 

@@ -62,9 +62,12 @@ def write_synthetic(directory: Path, size_gb: float, console: Console) -> None:
     from gemma_mlx.convert.writer import ShardWriter, write_json
     from mlx.utils import tree_flatten
 
+    from benchmarks.tiny_model import write_byte_tokenizer
+
     config = synthetic_config(size_gb)
     directory.mkdir(parents=True)
     write_json(directory / "config.json", config)
+    write_byte_tokenizer(directory / "tokenizer.json", config["vocab_size"])  # required by convert
     shapes = [(k, v.shape) for k, v in tree_flatten(lazy_model(config).parameters())]
     writer = ShardWriter(directory, 1 << 30)
     with Progress(console=console) as bar:

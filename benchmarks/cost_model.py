@@ -12,7 +12,10 @@ no weight is ever materialized. Then:
 - KV bytes per token at `--context` (bf16 cache);
 - MLX primitives per token: the traced graph of one decode step (token in, logits out) at
   `--context` with caches in their steady state, counted with Metal's kernel choices for the fused
-  ops (`benchmarks.graph`); "kernels" leaves out views and bookkeeping that launch nothing;
+  ops (`benchmarks.graph`); "kernels" leaves out views and bookkeeping that launch nothing. Ours
+  twice: composed MLX (what runs without Metal) and with gemma_mlx's Metal kernels in place
+  (`gemma_mlx.kernels.trace`); and the same for a speculative verify's forward pass of
+  VERIFY_TOKENS tokens;
 - host syncs per token: counted in each implementation's own decode loop (`stream_generate`), on a
   tiny model of the same structure (syncs do not depend on width).
 """
@@ -20,11 +23,11 @@ no weight is ever materialized. Then:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from benchmarks.bandwidth import apple_bandwidth
+from benchmarks.batch_cost import batch_lines
 from benchmarks.configs import GEMMA4
 from benchmarks.engines import MlxLm, Ours, package_version
 from benchmarks.graph import (
@@ -49,23 +53,34 @@ from benchmarks.graph import (
     parameter_readers,
     zero_leaf,
 )
-from benchmarks.roofline import kv_bytes, weight_bytes_per_token
+from benchmarks.q6k_routes import head_lines
+from benchmarks.roofline import WeightBytes, kv_bytes, weight_bytes_per_token
 from benchmarks.syncs import blocking, count_syncs
 from benchmarks.tiny_model import BITS, GROUP_SIZE, qat_quantizable, write_tiny_model
+from gemma_mlx.kernels.trace import kernel_path
 from gemma_mlx.models import get_model_classes
+from gemma_mlx.outputs import write_file_atomically
 
 IMPLEMENTATIONS = ("gemma_mlx", "mlx-lm")
 CHIPS = ("M4", "M4 Pro", "M4 Max", "M5 Max")
 DEFAULT_OUT = Path(__file__).parent / "cost_model.md"
 KV_DTYPE = mx.bfloat16
 SYNC_TOKENS = 16
+VERIFY_TOKENS = 4  # a verify window: 3 drafts and the token after them
+
+
+def kernels_in(primitives: Counter[str]) -> int:
+    return sum(n for name, n in primitives.items() if name not in VIEWS)
 
 
 @dataclass
 class Cost:
     weight_bytes_shapes: int
     weight_bytes_graph: int
-    primitives: Counter[str]
+    primitives: Counter[str]  # one decode step, composed MLX
+    window: Counter[str]  # a forward pass of VERIFY_TOKENS tokens, composed MLX
+    metal: Counter[str] | None = None  # one decode step with gemma_mlx's kernels (ours only)
+    window_metal: Counter[str] | None = None
     syncs: float = 0.0
     submissions: float = 0.0
 
@@ -75,7 +90,7 @@ class Cost:
 
     @property
     def kernels(self) -> int:
-        return sum(n for name, n in self.primitives.items() if name not in VIEWS)
+        return kernels_in(self.primitives)
 
 
 def build(implementation: str, config: dict[str, Any]) -> nn.Module:
@@ -120,20 +135,39 @@ def steady_cache(implementation: str, model: nn.Module, args, context: int) -> l
     return cache
 
 
+def traced_step(
+    implementation: str, model: nn.Module, args, context: int, tokens: int, kernels: bool = False
+) -> tuple[Counter[str], mx.array]:
+    """Primitives of a forward pass of `tokens` tokens at `context`, and its logits; `kernels`:
+    with gemma_mlx's Metal kernels in place of their composed references."""
+    cache = steady_cache(implementation, model, args, context)
+    inputs = mx.array([[1] * tokens], mx.int32)  # materialized: a leaf, no kernel
+    launched = kernel_path() if kernels else nullcontext(Counter())
+    with metal_fast_ops() as stand_ins, launched as launches:
+        logits = model(inputs, cache=cache)
+    return kernel_counts(logits, stand_ins + launches), logits
+
+
 def trace_cost(implementation: str, config: dict[str, Any], context: int) -> Cost:
-    """Bytes and primitives of one decode step at `context`, from the lazy graph."""
+    """Bytes and primitives of one decode step at `context`, and of a verify window's forward
+    pass, from the lazy graphs."""
     model = build(implementation, config)
     args = get_model_classes(config)[1].from_dict(config)
-    cache = steady_cache(implementation, model, args, context)
-    token = mx.array([[1]], mx.int32)
-    with metal_fast_ops() as stand_ins:
-        logits = model(token, cache=cache)
+    primitives, logits = traced_step(implementation, model, args, context, 1)
     params = dict(tree_flatten(model.parameters()))
     routed = (args.top_k_experts / args.num_experts) if args.enable_moe_block else 0.0
+    ours = implementation == "gemma_mlx"
     return Cost(
         weight_bytes_shapes=weight_bytes_per_token(model).total,
         weight_bytes_graph=bytes_read(parameter_readers(logits, params), params, routed),
-        primitives=kernel_counts(logits, stand_ins),
+        primitives=primitives,
+        window=traced_step(implementation, model, args, context, VERIFY_TOKENS)[0],
+        metal=traced_step(implementation, model, args, context, 1, True)[0] if ours else None,
+        window_metal=(
+            traced_step(implementation, model, args, context, VERIFY_TOKENS, True)[0]
+            if ours
+            else None
+        ),
     )
 
 
@@ -174,8 +208,19 @@ def costs(context: int, sizes: Sequence[str], progress: Progress) -> dict[str, d
     return table
 
 
+def batch_weights(size: str) -> tuple[WeightBytes, int, int]:
+    """(weight bytes per token, experts, top-k) of `size` for the batch table."""
+    config = GEMMA4[size]
+    weights = weight_bytes_per_token(build("gemma_mlx", config))
+    return weights, config["num_experts"] or 0, config["top_k_experts"] or 0
+
+
 def _gb(n: int) -> str:
     return f"{n / 1e9:.2f}"
+
+
+def metal_ratio(costs: dict[str, Cost]) -> float:
+    return kernels_in(costs["gemma_mlx"].metal) / costs["mlx-lm"].kernels
 
 
 def summary(table: dict[str, dict[str, Cost]]) -> list[str]:
@@ -199,6 +244,20 @@ def summary(table: dict[str, dict[str, Cost]]) -> list[str]:
             for s, c in table.items()
         )
         + "."
+    )
+    lines.append(
+        "- On a Mac, with gemma_mlx's Metal kernels in place: "
+        + ", ".join(
+            f"{s.upper()} {kernels_in(c['gemma_mlx'].metal)} ({metal_ratio(c):.2f}x mlx-lm)"
+            for s, c in table.items()
+        )
+        + f" kernels per decoded token; a {VERIFY_TOKENS}-token verify forward pass: "
+        + ", ".join(
+            f"{s.upper()} {kernels_in(c['gemma_mlx'].window_metal)} / "
+            f"{kernels_in(c['mlx-lm'].window)}"
+            for s, c in table.items()
+        )
+        + " (gemma_mlx / mlx-lm)."
     )
     syncs = {(round(c["gemma_mlx"].syncs, 2), round(c["mlx-lm"].syncs, 2)) for c in table.values()}
     lines.append(
@@ -237,6 +296,24 @@ def markdown(table: dict[str, dict[str, Cost]], context: int) -> str:
         )
     lines += [
         "",
+        f"## Kernels with gemma_mlx's Metal kernels, and for a {VERIFY_TOKENS}-token verify",
+        "",
+        "gemma_mlx composed (what runs without Metal) / gemma_mlx with its Metal kernels in "
+        f"place / mlx-lm, for one decode step and for the forward pass of a speculative verify "
+        f"of {VERIFY_TOKENS - 1} drafts ({VERIFY_TOKENS} tokens).",
+        "",
+        "| model | decode step kernels | verify forward kernels |",
+        "|---|---|---|",
+    ]
+    for size, c in table.items():
+        ours, peer = c["gemma_mlx"], c["mlx-lm"]
+        lines.append(
+            f"| {size.upper()} | {ours.kernels} / {kernels_in(ours.metal)} / {peer.kernels} "
+            f"| {kernels_in(ours.window)} / {kernels_in(ours.window_metal)} "
+            f"/ {kernels_in(peer.window)} |"
+        )
+    lines += [
+        "",
         f"## Decode ceilings (tok/s): bandwidth / (weights + KV at {context})",
         "",
         "| model | "
@@ -249,6 +326,8 @@ def markdown(table: dict[str, dict[str, Cost]], context: int) -> str:
         per_token = c["gemma_mlx"].weight_bytes_graph + kv_bytes(args, context, KV_DTYPE)
         cells = [f"{apple_bandwidth(chip).gbs * 1e9 / per_token:.0f}" for chip in CHIPS]
         lines.append(f"| {size.upper()} | " + " | ".join(cells) + " |")
+    lines += ["", *batch_lines({s: batch_weights(s) for s in table})]
+    lines += ["", *head_lines(table)]
     lines += [
         "",
         "## Where the kernel counts differ (per decoded token)",
@@ -264,7 +343,7 @@ def markdown(table: dict[str, dict[str, Cost]], context: int) -> str:
                 for name in ours.keys() | peer.keys()
                 if name not in VIEWS and ours[name] != peer[name]
             ),
-            key=lambda n: -abs(ours[n] - peer[n]),
+            key=lambda n: (-abs(ours[n] - peer[n]), n),
         )
         lines += [f"| {size.upper()} | {n} | {ours[n]} | {peer[n]} |" for n in differing[:8]]
     lines += [
@@ -317,9 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with Progress(console=console) as progress:
         table = costs(args.context, sizes, progress)
     text = markdown(table, args.context)
-    staging = args.out.with_name(f".{args.out.name}.tmp")
-    staging.write_text(text)
-    os.replace(staging, args.out)
+    write_file_atomically(args.out, lambda path: path.write_text(text), force=args.force)
     print(text)
     return 0
 

@@ -6,21 +6,21 @@ Reads the `benchmarks.run` records of all `*.jsonl` files (one per machine, so r
 keeps the newest record of each (machine, model, engine, prompt, tokens generated). Writes
 `report.md`, `decode_by_model.png` (decode tok/s by model, one bar per machine and engine, the
 bandwidth roofline marked above each bar) and `tok_s_vs_context.png` (prefill and decode tok/s
-against prompt length). Existing outputs are replaced only with `--force`.
+against prompt length); `benchmarks.serve` records add a Serving section. Existing outputs are
+replaced only with `--force`.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import store
+from benchmarks import serve, store
 from gemma_mlx.errors import GemmaMLXError
+from gemma_mlx.outputs import write_file_atomically
 
 OUTPUTS = ("report.md", "decode_by_model.png", "tok_s_vs_context.png")
 EXIT_BAD_INPUT = 2
@@ -198,7 +198,9 @@ def context_chart(records: list[dict[str, Any]], path: Path) -> None:
 
 
 def render(results_dir: Path, out: Path, force: bool = False) -> list[Path]:
-    records = latest([r for r in store.read_all(results_dir) if r.get("benchmark") == store.RUN])
+    everything = store.read_all(results_dir)
+    records = latest([r for r in everything if r.get("benchmark") == store.RUN])
+    serving = [r for r in everything if r.get("benchmark") == serve.SERVE]
     if not records:
         raise ReportError(f"{results_dir}: no results (*.jsonl); run python -m benchmarks.run")
     targets = [out / name for name in OUTPUTS]
@@ -206,13 +208,13 @@ def render(results_dir: Path, out: Path, force: bool = False) -> list[Path]:
     if existing and not force:
         raise ReportError(f"{existing[0]} exists; pass --force to replace it")
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".report-", dir=out) as tmp:
-        staging = Path(tmp)
-        (staging / OUTPUTS[0]).write_text(markdown(records))
-        decode_chart(records, staging / OUTPUTS[1])
-        context_chart(records, staging / OUTPUTS[2])
-        for target in targets:
-            shutil.move(staging / target.name, target)
+    writers = (
+        lambda path: path.write_text(markdown(records) + "\n".join(serve.markdown(serving))),
+        lambda path: decode_chart(records, path),
+        lambda path: context_chart(records, path),
+    )
+    for target, write in zip(targets, writers, strict=True):
+        write_file_atomically(target, write, force=force)
     return targets
 
 

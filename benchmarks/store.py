@@ -1,19 +1,18 @@
 """Results files: one JSON object per line, one file per machine label, in `benchmarks/results/`.
 
-Appending rewrites the file through a temporary file in the same directory and renames it into
-place, so an interrupted run never leaves a half-written line behind.
+Appending rewrites the file through `gemma_mlx.outputs.write_file_atomically` (a staging file
+beside it, renamed into place), so an interrupted run never leaves a half-written line behind.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from gemma_mlx.errors import GemmaMLXError
+from gemma_mlx.outputs import write_file_atomically
 
 RESULTS_DIR = Path(__file__).parent / "results"
 RUN = "run"  # the "benchmark" field of `benchmarks.run` records; other benchmarks share the files
@@ -29,14 +28,7 @@ def append(path: Path, records: Iterable[dict[str, Any]]) -> None:
     if old and not old.endswith("\n"):
         old += "\n"
     new = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
-    fd, staging = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(old + new)
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
+    write_file_atomically(path, lambda partial: partial.write_text(old + new), force=True)
 
 
 def read_all(directory: Path) -> list[dict[str, Any]]:

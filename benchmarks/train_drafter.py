@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -44,6 +42,7 @@ from mlx.utils import tree_flatten
 from rich.progress import Progress
 
 from gemma_mlx.models import gemma4_assistant
+from gemma_mlx.outputs import OutputError, check_target, save_safetensors, staged_directory
 
 PROMPTS = [
     "The history of the Roman Empire",
@@ -213,8 +212,10 @@ def main(argv=None) -> None:
         "--text", type=Path, help="reuse (or save) the generated token rows here (.npy)"
     )
     args = parser.parse_args(argv)
-    if args.out.exists() and not args.force:
-        raise SystemExit(f"{args.out} exists (pass --force to overwrite)")
+    try:  # before the slow part
+        check_target(args.out, directory=True, force=args.force)
+    except OutputError as e:
+        raise SystemExit(f"error: {e}") from e
 
     target, tokenizer = load_target()
     start = time.perf_counter()
@@ -305,19 +306,14 @@ def main(argv=None) -> None:
 
 
 def save(drafter: nn.Module, config: dict, out: Path, force: bool) -> None:
-    tmp = Path(
-        tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent if out.parent.exists() else None)
-    )
     weights = {
         k: v.astype(mx.bfloat16) if mx.issubdtype(v.dtype, mx.floating) else v
         for k, v in tree_flatten(drafter.parameters())
     }
-    mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
-    (tmp / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}, indent=2))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and force:
-        shutil.rmtree(out)
-    shutil.move(str(tmp), str(out))
+    with staged_directory(out, force=force) as staging:
+        save_safetensors(staging / "model.safetensors", weights, metadata={"format": "mlx"})
+        config = {**config, "torch_dtype": "bfloat16"}
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def _size(path: Path) -> int:

@@ -9,16 +9,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gemma_mlx.convert.pipeline import Plan, run_conversion, write_plan
+from gemma_mlx.convert.pipeline import Plan, reading_source, run_conversion, write_plan
 from gemma_mlx.convert.report import Report
-from gemma_mlx.convert.writer import DEFAULT_SHARD_BYTES, OutputExistsError
+from gemma_mlx.convert.writer import DEFAULT_SHARD_BYTES
 
 from gemma_mlx.errors import ConfigError, WeightsError
+from gemma_mlx.outputs import OutputExistsError
 
 FORMATS = ("gguf", "compressed-tensors", "safetensors")
+# Raised whenever the same source converts into different output, so that caches keyed by it
+# (`gemma_mlx.hub.converted_gguf`) convert again. 2: Q6_K kept as its GGUF blocks (was requantized).
+FORMAT_VERSION = 2
 
 __all__ = [
     "FORMATS",
+    "FORMAT_VERSION",
     "OutputExistsError",
     "Report",
     "convert",
@@ -43,13 +48,18 @@ def detect_source_format(src: Path) -> str:
 
 
 def make_plan(src: Path, source_format: str | None = None, **options) -> Plan:
-    """The conversion plan for `src`; options: k_scale_dtype, requant_bits, dequantize (GGUF); recipe,
-    group_size, keep, quantize_drafter (safetensors)."""
+    """The conversion plan for `src`; options: k_scale_dtype, requant_bits, dequantize,
+    mlx_lm_compatible (GGUF); recipe, group_size, keep, quantize_drafter (safetensors)."""
+    with reading_source(src):
+        return _make_plan(src, source_format, **options)
+
+
+def _make_plan(src: Path, source_format: str | None, **options) -> Plan:
     source_format = source_format or detect_source_format(src)
     if source_format == "gguf":
         from gemma_mlx.convert.gguf_source import gguf_plan
 
-        names = ("k_scale_dtype", "requant_bits", "dequantize")
+        names = ("k_scale_dtype", "requant_bits", "dequantize", "mlx_lm_compatible")
         return gguf_plan(Path(src), **{k: v for k, v in options.items() if k in names})
     if source_format in ("compressed-tensors", "safetensors"):
         from gemma_mlx.convert.safetensors_source import safetensors_plan

@@ -113,6 +113,11 @@ EXACT_LAYOUTS: dict[T, BlockLayout] = {
     T.Q4_K: BlockLayout(256, 144, 4, _q4_k),
     T.Q5_K: BlockLayout(256, 176, 5, _q5_k),
 }
+# Kept byte for byte as a 2-D weight (no MLX affine form holds their 16-weight sub-blocks): the
+# GGUF blocks are what `gemma_mlx.models.q6k` runs.
+KEPT_TYPES = frozenset({T.Q6_K})
+# Bits used for types that must be requantized, unless the user chooses (`--requant-bits`).
+DEFAULT_REQUANT_BITS = 8
 # Stored as plain floats: passed through unchanged.
 FLOAT_TYPES = {T.F32: "float32", T.F16: "float16", T.BF16: "bfloat16"}
 

@@ -2,7 +2,7 @@
 
 Tensors are memory-mapped by gguf-py's reader and converted one at a time by `convert.tensors`.
 Names and metadata keys follow llama.cpp's Gemma 3 / Gemma 4 converters (see
-shared/reference/gemma4-architecture.md section 6).
+docs/conversion.md).
 """
 
 from __future__ import annotations
@@ -15,9 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from gemma_mlx.convert.blocks import DEFAULT_REQUANT_BITS
 from gemma_mlx.convert.mlx_format import QuantizedTensor
-from gemma_mlx.convert.pipeline import Job, Plan, check_against_config, lazy_model
-from gemma_mlx.convert.tensors import Converted, TensorRecord, gguf_tensor
+from gemma_mlx.convert.pipeline import (
+    Job,
+    Plan,
+    check_against_config,
+    lazy_model,
+    reading_source,
+)
+from gemma_mlx.convert.tensors import Converted, TensorRecord, gguf_output_nbytes, gguf_tensor
 from gguf import GGUFReader, ReaderTensor
 
 from gemma_mlx.errors import ConfigError, GemmaMLXError, WeightsError
@@ -71,6 +78,8 @@ TURN_END_TOKENS = ("<end_of_turn>", "<turn|>")
 # Not in Gemma 3 GGUF metadata: llama.cpp hard-codes them (llama-model.cpp).
 GEMMA3_LOCAL_ROPE_BASE = 10000.0
 GEMMA3_SLIDING_PATTERN = 6
+# The metadata the tokenizer files are built from.
+TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.tokens")
 # Hugging Face special-token names and the GGUF metadata keys holding their ids.
 SPECIAL_TOKEN_IDS = {
     "bos_token": "bos_token_id",
@@ -162,13 +171,25 @@ class GGUFSource:
 
     # config.json ----------------------------------------------------------------------------
 
+    def block_count(self) -> int:
+        """The number of layers, checked against the layer tensors present: a damaged count would
+        otherwise size everything built from it (a flipped bit: billions of layers)."""
+        count = int(self.arch_field("block_count"))
+        layers = {int(m.group(1)) for name in self.by_name if (m := _LAYER.match(name))}
+        if count != len(layers) or layers != set(range(count)):
+            raise ConfigError(
+                f"{self.path}: {self.arch}.block_count = {count}, but the file holds tensors of "
+                f"{len(layers)} layers"
+            )
+        return count
+
     def config(self) -> dict[str, Any]:
         common = self._common_config()
         extra = self._gemma3_config() if self.arch == "gemma3" else self._gemma4_config()
         return common | extra
 
     def _common_config(self) -> dict[str, Any]:
-        n_layers = int(self.arch_field("block_count"))
+        n_layers = self.block_count()
         config = {
             "hidden_size": int(self.arch_field("embedding_length")),
             "num_hidden_layers": n_layers,
@@ -191,7 +212,7 @@ class GGUFSource:
         return config
 
     def _gemma3_config(self) -> dict[str, Any]:
-        n_layers = int(self.arch_field("block_count"))
+        n_layers = self.block_count()
         hidden = int(self.arch_field("embedding_length"))
         heads = _single(self.arch_field("attention.head_count"), "head_count")
         head_dim = int(self.arch_field("attention.key_length"))
@@ -225,7 +246,7 @@ class GGUFSource:
         }
 
     def _gemma4_config(self) -> dict[str, Any]:
-        n_layers = int(self.arch_field("block_count"))
+        n_layers = self.block_count()
         sliding = self.arch_field("attention.sliding_window_pattern")
         if len(sliding) != n_layers:
             raise ConfigError(
@@ -345,10 +366,20 @@ def tensor_nbytes(tensor: ReaderTensor) -> int:
 
 
 def gguf_plan(
-    path: Path, k_scale_dtype: str = "float32", requant_bits: int = 8, dequantize: bool = False
+    path: Path,
+    k_scale_dtype: str = "float32",
+    requant_bits: int | None = None,
+    dequantize: bool = False,
+    mlx_lm_compatible: bool = False,
 ) -> Plan:
-    """The conversion of a GGUF file: exact types keep their grid (see `convert.blocks`)."""
+    """The conversion of a GGUF file: exact types keep their grid and Q6_K weights their blocks
+    (see `convert.blocks`); `requant_bits` or `mlx_lm_compatible` requantizes Q6_K too (to
+    `requant_bits`, default 8), into what mlx-lm can load."""
+    if mlx_lm_compatible and requant_bits is None:
+        requant_bits = DEFAULT_REQUANT_BITS
     source = GGUFSource(path)
+    for key in TOKENIZER_KEYS:
+        source.field(key)  # a GGUF without its vocabulary converts into an unloadable directory
     config = source.config()
     wanted = _model_parameter_names(config, [t.name for t in source.tensors()])
 
@@ -374,10 +405,21 @@ def gguf_plan(
                 return [(item.name, converted, record)]
             return _split_gate_up(item.name, converted, record)
 
-        return Job(item.tensor.name, tensor_nbytes(item.tensor), run)
+        t = item.tensor
+        output_bytes = gguf_output_nbytes(
+            t.tensor_type,
+            int(t.n_elements),
+            tensor_nbytes(t),
+            k_scale_dtype=k_scale_dtype,
+            requant_bits=requant_bits,
+            dequantize_all=dequantize,
+            ndim=t.data.ndim,
+        )
+        return Job(t.name, tensor_nbytes(t), output_bytes, run)
 
     def write_extra_files(out_dir: Path) -> None:
-        write_tokenizer(source, out_dir)
+        with reading_source(source.path):
+            write_tokenizer(source, out_dir)
 
     eos = source.eos_token_ids()
     generation = {"bos_token_id": config.get("bos_token_id"), "eos_token_id": eos}

@@ -49,6 +49,11 @@ def unpack(weight: np.ndarray, bits: int) -> np.ndarray:
     return (values << np.arange(bits, dtype=np.uint8)).sum(-1, dtype=np.uint8)
 
 
+def quantized_nbytes(numel: int, bits: int, group_size: int, scale_bytes: int) -> int:
+    """The size of a quantized tensor: packed weights plus one scale and one bias per group."""
+    return numel * bits // 8 + 2 * (numel // group_size) * scale_bytes
+
+
 def from_groups(
     q: np.ndarray, scale: np.ndarray, bias: np.ndarray, bits: int, group_size: int
 ) -> QuantizedTensor:

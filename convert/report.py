@@ -59,13 +59,21 @@ class Report:
         """Totals, one row per (source -> target) kind, and the worst inexact tensors."""
         kinds = Counter((r.source, r.target) for r in self.records)
         table = Table(title=f"{self.source} -> {self.output}", title_justify="left")
-        for column in ("source", "target", "tensors", "max |error|"):
+        for column in ("source", "target", "tensors", "bits/weight", "max |error|"):
             table.add_column(column)
         for (source, target), count in sorted(kinds.items()):
-            worst = max(
-                r.max_abs_error for r in self.records if (r.source, r.target) == (source, target)
+            records = [r for r in self.records if (r.source, r.target) == (source, target)]
+            worst = max(r.max_abs_error for r in records)
+            bits = sum(r.bits_per_weight * _numel(r) for r in records) / max(
+                sum(_numel(r) for r in records), 1
             )
-            table.add_row(source, target, str(count), "exact" if worst == 0 else f"{worst:.3g}")
+            table.add_row(
+                source,
+                target,
+                str(count),
+                f"{bits:.4g}",
+                "exact" if worst == 0 else f"{worst:.3g}",
+            )
         console.print(table)
         console.print(
             f"{len(self.records)} tensors, {self.total_weights / 1e6:.1f}M weights, "

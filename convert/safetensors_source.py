@@ -21,6 +21,7 @@ from gemma_mlx.convert.mlx_format import (
     dequantize,
     quantize_affine,
     quantize_q4_0,
+    quantized_nbytes,
 )
 from gemma_mlx.convert.pipeline import Job, Plan, check_against_config, lazy_model
 from gemma_mlx.convert.tensors import (
@@ -138,6 +139,8 @@ def safetensors_plan(
         config, dict(_output_shapes(weights)), {}, files[0] if len(files) == 1 else path
     )
     drafter = "assistant" in str(config.get("model_type", ""))
+    if not drafter:  # drafters share their target's tokenizer
+        check_tokenizer(path)
     quantize_floats = source_format == "safetensors" and (quantize_drafter or not drafter)
     keep_patterns = [re.compile(k) for k in keep]
     ct = ct_scheme(config, path) if source_format == "compressed-tensors" else None
@@ -150,6 +153,9 @@ def safetensors_plan(
             and not any(p.search(name) for p in keep_patterns)
         )  # fmt: skip
         dtype_name = str(dtype).split(".")[-1]
+        bits = DRAFTER_BITS if drafter else 4
+        numel = int(np.prod(shape))
+        output_bytes = quantized_nbytes(numel, bits, group_size, 2) if wanted else nbytes
 
         def run() -> list[tuple[str, Converted, TensorRecord]]:
             value = weights.pop(name)  # once read, the data must not outlive its job
@@ -171,11 +177,13 @@ def safetensors_plan(
                 (name, Converted(q), make_record(name, dtype_name, target, shape, q.nbytes, meter))
             ]
 
-        return Job(name, nbytes, run)
+        return Job(name, nbytes, output_bytes, run)
 
     def ct_job(base: str) -> Job:
         group, symmetric = ct
-        nbytes = weights[f"{base}.weight_packed"].nbytes + weights[f"{base}.weight_scale"].nbytes
+        packed, scale = weights[f"{base}.weight_packed"], weights[f"{base}.weight_scale"]
+        nbytes = packed.nbytes + scale.nbytes
+        output_bytes = packed.nbytes + 2 * scale.size * 4  # float32 scales at most, and biases
         has_zero = f"{base}.weight_zero_point" in weights
         if not has_zero and not symmetric:
             raise WeightsError(
@@ -214,7 +222,7 @@ def safetensors_plan(
             record = make_record(f"{base}.weight", source, target, (rows, columns), q.nbytes, meter)
             return [(f"{base}.weight", Converted(q), record)]
 
-        return Job(base, nbytes, run)
+        return Job(base, nbytes, output_bytes, run)
 
     jobs = []
     for name in weights:
@@ -231,6 +239,19 @@ def safetensors_plan(
                 shutil.copy2(path / side, out_dir / side)
 
     return Plan(source_format, text_config(config), jobs, write_extra_files)
+
+
+def check_tokenizer(path: Path) -> None:
+    """Refuse a source whose tokenizer files are missing or unreadable: the converted model could
+    not be loaded (before converting, not after)."""
+    from gemma_mlx.tokenizer import load_tokenizer
+
+    if not (path / "tokenizer.json").is_file():
+        raise ConfigError(
+            f"{path}: no tokenizer.json, so the converted model could not be loaded; copy the "
+            "tokenizer files of the original model (tokenizer.json, tokenizer_config.json) into it"
+        )
+    load_tokenizer(path)
 
 
 def _output_shapes(weights: dict[str, mx.array]):

@@ -11,11 +11,25 @@ from dataclasses import asdict, dataclass
 
 import mlx.core as mx
 import numpy as np
-from gemma_mlx.convert.blocks import EXACT_LAYOUTS, FLOAT_TYPES, GROUP, unpack_rows
-from gemma_mlx.convert.mlx_format import QuantizedTensor, dequantize, from_groups, quantize_affine
+from gemma_mlx.convert.blocks import (
+    DEFAULT_REQUANT_BITS,
+    EXACT_LAYOUTS,
+    FLOAT_TYPES,
+    GROUP,
+    KEPT_TYPES,
+    unpack_rows,
+)
+from gemma_mlx.convert.mlx_format import (
+    QuantizedTensor,
+    dequantize,
+    from_groups,
+    quantize_affine,
+    quantized_nbytes,
+)
 from gguf import GGMLQuantizationType, quants
 
 from gemma_mlx.errors import WeightsError
+from gemma_mlx.kernels import q6k
 
 CHUNK_ELEMENTS = 1 << 23  # 32 MB of float32 per chunk
 
@@ -58,16 +72,29 @@ class ErrorMeter:
 
 
 @dataclass
-class Converted:
-    """What a tensor becomes: a float array, or a quantized one."""
+class GGUFBlocks:
+    """A weight kept as its GGUF blocks, uint8 [rows, bytes per row] (`KEPT_TYPES`)."""
 
-    value: np.ndarray | mx.array | QuantizedTensor
+    data: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+
+@dataclass
+class Converted:
+    """What a tensor becomes: a float array, a quantized one, or GGUF blocks."""
+
+    value: np.ndarray | mx.array | QuantizedTensor | GGUFBlocks
 
     @property
     def nbytes(self) -> int:
         return self.value.nbytes
 
     def arrays(self, name: str) -> dict[str, np.ndarray | mx.array]:
+        if isinstance(self.value, GGUFBlocks):
+            return {name: self.value.data}
         if isinstance(self.value, QuantizedTensor):
             base = name.removesuffix(".weight")
             return {
@@ -109,6 +136,30 @@ def quantize_rows(
     return QuantizedTensor(*joined, parts[0].bits, parts[0].group_size)
 
 
+def gguf_output_nbytes(
+    qtype: GGMLQuantizationType,
+    numel: int,
+    source_nbytes: int,
+    *,
+    k_scale_dtype: str = "float32",
+    requant_bits: int | None = None,
+    dequantize_all: bool = False,
+    ndim: int = 2,
+) -> int:
+    """The bytes `gguf_tensor` will write for this tensor (for the free-space check)."""
+    if qtype in FLOAT_TYPES:
+        return source_nbytes
+    if dequantize_all:
+        return numel * 4
+    if keeps_blocks(qtype, requant_bits, ndim):
+        return source_nbytes
+    layout = EXACT_LAYOUTS.get(qtype)
+    if layout is None:
+        return quantized_nbytes(numel, requant_bits or DEFAULT_REQUANT_BITS, GROUP, 2)
+    float32_scales = layout.block_size > GROUP and k_scale_dtype == "float32"
+    return quantized_nbytes(numel, layout.bits, GROUP, 4 if float32_scales else 2)
+
+
 def gguf_tensor(
     name: str,
     qtype: GGMLQuantizationType,
@@ -117,11 +168,12 @@ def gguf_tensor(
     *,
     norm_shift: float = 0.0,
     k_scale_dtype: str = "float32",
-    requant_bits: int = 8,
+    requant_bits: int | None = None,
     dequantize_all: bool = False,
 ) -> tuple[Converted, TensorRecord]:
-    """Convert one GGUF tensor: exact types keep their grid, other block types are requantized;
-    `dequantize_all` gives the float32 values instead (the reference model of the tests)."""
+    """Convert one GGUF tensor: exact types keep their grid, Q6_K weights keep their blocks
+    (unless `requant_bits` is given), other block types are requantized (`requant_bits`, default
+    8); `dequantize_all` gives the float32 values instead (the reference model of the tests)."""
     meter = ErrorMeter()
     shape = (*data.shape[:-1], columns)
     if qtype in FLOAT_TYPES:
@@ -149,6 +201,14 @@ def gguf_tensor(
         return converted, make_record(
             name, qtype.name, "float32 (dequantized)", shape, converted.nbytes, meter
         )
+    if keeps_blocks(qtype, requant_bits, data.ndim):
+        raw = np.asarray(data)
+        for rows in row_chunks(raw.shape[0], columns):  # what the model decodes, measured
+            meter.add(np.asarray(q6k.decode(mx.array(raw[rows]))), reference(raw[rows]))
+        converted = Converted(GGUFBlocks(raw))
+        return converted, make_record(
+            name, qtype.name, f"GGUF {qtype.name} blocks", shape, converted.nbytes, meter
+        )
     if layout is not None:
         half_scales = layout.block_size > GROUP and k_scale_dtype == "float16"
 
@@ -169,13 +229,21 @@ def gguf_tensor(
                 f"tensor '{name}': GGUF type {qtype.name} is not supported (no dequantizer)"
             ) from e
 
+        bits = requant_bits or DEFAULT_REQUANT_BITS
+
         def quantize(raw: np.ndarray) -> QuantizedTensor:
-            return quantize_affine(reference(raw), requant_bits, GROUP)
+            return quantize_affine(reference(raw), bits, GROUP)
 
         value = quantize_rows(np.asarray(data), reference, quantize, columns, meter)
-        target = f"requantized affine {requant_bits}-bit g{GROUP} (float16 scales)"
+        target = f"requantized affine {bits}-bit g{GROUP} (float16 scales)"
     converted = Converted(value)
     return converted, make_record(name, qtype.name, target, shape, converted.nbytes, meter)
+
+
+def keeps_blocks(qtype: GGMLQuantizationType, requant_bits: int | None, ndim: int) -> bool:
+    """Whether a tensor is written as its GGUF blocks: a 2-D weight of a `KEPT_TYPES` type, when
+    no requantization was asked for (expert stacks have no layer that runs blocks)."""
+    return qtype in KEPT_TYPES and requant_bits is None and ndim == 2
 
 
 def make_record(

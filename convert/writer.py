@@ -1,4 +1,5 @@
-"""Streaming output: sharded safetensors written as tensors arrive, and the safe move into place.
+"""Streaming output: sharded safetensors written as tensors arrive (into a staging directory that
+`gemma_mlx.outputs.staged_directory` commits).
 
 Only one shard's worth of tensors (`shard_bytes`) is held in memory at a time, which bounds the
 converter's peak memory whatever the model's size.
@@ -7,23 +8,14 @@ converter's peak memory whatever the model's size.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-from gemma_mlx.errors import GemmaMLXError
+from gemma_mlx.outputs import fault_point, save_safetensors
 
 DEFAULT_SHARD_BYTES = 1 << 29  # 512 MiB: the in-memory buffer is one shard
-
-
-class OutputExistsError(GemmaMLXError, FileExistsError):
-    """OUT exists and --force was not given."""
 
 
 class ShardWriter:
@@ -47,7 +39,8 @@ class ShardWriter:
 
     def _flush(self) -> None:
         index = len(self.shards) + 1
-        mx.save_safetensors(str(self.directory / f"shard-{index:05d}.safetensors"), self.pending)
+        save_safetensors(self.directory / f"shard-{index:05d}.safetensors", self.pending)
+        fault_point("shard")
         self.shards.append({k: tuple(v.shape) for k, v in self.pending.items()})
         self.pending, self.pending_bytes = {}, 0
 
@@ -74,28 +67,3 @@ class ShardWriter:
 
 def write_json(path: Path, value: object) -> None:
     path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
-
-
-@contextmanager
-def staged_output(out: Path, force: bool = False) -> Iterator[Path]:
-    """A temporary directory beside `out`, renamed to `out` only if the block completes.
-
-    An existing `out` is refused without `force`, and with it replaced only at the very end, so an
-    interrupted or failed conversion leaves the previous state untouched and nothing half-written.
-    """
-    out = Path(out)
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} already exists: pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield staging
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / out.name)
-            os.replace(staging, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

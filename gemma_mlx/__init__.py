@@ -6,6 +6,7 @@ from gemma_mlx import _platform  # noqa: F401  (must run before mlx is imported)
 
 # isort: split
 # Imported eagerly so that `gemma_mlx.generate` is the function, not the module of the same name.
+from gemma_mlx.batching.generate import batch_generate
 from gemma_mlx.chat import ChatSession
 from gemma_mlx.generate import GenerationResponse, generate, stream_generate
 from gemma_mlx.hub import load
@@ -15,6 +16,7 @@ __all__ = [
     "ChatSession",
     "GenerationResponse",
     "__version__",
+    "batch_generate",
     "generate",
     "load",
     "stream_generate",

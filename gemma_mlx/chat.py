@@ -5,27 +5,55 @@ with that rendering, and prefills only the rest, so the result is exactly that o
 the whole conversation. Normally the shared part is everything cached: only the new message is
 prefilled. (Gemma 4's template drops earlier turns' thinking; the cache is then rolled back to
 where the renderings differ.)
+
+Images and audio (a model loaded with its towers) are encoded once: the session keeps their soft
+tokens by content hash and its history refers to them by that hash (`EncodedMedia`), so a later
+turn re-encodes nothing and keeps them in the cache; a saved session holds them too.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
-from gemma_mlx.errors import GemmaMLXError
-from gemma_mlx.generate import GenerationResponse, stream_generate
+from gemma_mlx.errors import GemmaMLXError, OptionError
+from gemma_mlx.fingerprint import model_fingerprint
+from gemma_mlx.generate import (
+    GenerationResponse,
+    check_generation_options,
+    media_list,
+    prepare_prompt,
+    stream_generate,
+)
+from gemma_mlx.media.image import DEFAULT_SOFT_TOKENS
+from gemma_mlx.media.messages import from_json, map_sources, to_json, with_encoded
+from gemma_mlx.media.prompt import EncodedMedia, reusable_prefix
+from gemma_mlx.models.gemma4_multimodal import MediaItem
+from gemma_mlx.options import check_text
+from gemma_mlx.outputs import write_file_atomically
 from gemma_mlx.tokenizer import ANSWER, Tokenizer
 
-FORMAT = "gemma_mlx.chat_session/1"
+# /2: the weights' fingerprint and a checksum over everything saved. /3: images and audio (the
+# "media" field, and their soft tokens as `media.<key>` arrays); /2 files still load.
+FORMAT = "gemma_mlx.chat_session/3"
+# The metadata a session file holds, all JSON; the checksum covers them and the arrays.
+FIELDS_2 = (
+    "signature", "weights", "messages", "tokens", "chat_template_kwargs", "cache_types",
+    "meta_state",
+)  # fmt: skip
+FIELDS = (*FIELDS_2, "media")
+FORMATS = {"gemma_mlx.chat_session/2": FIELDS_2, FORMAT: FIELDS}
+MEDIA_ARRAY = "media."
 
 
 class SessionFileError(GemmaMLXError, ValueError):
-    """A saved session that is unreadable or belongs to another model."""
+    """A saved session that is unreadable, damaged, or belongs to another model."""
 
 
 def _model_signature(model: Any, tokenizer: Tokenizer) -> dict[str, Any]:
@@ -34,13 +62,52 @@ def _model_signature(model: Any, tokenizer: Tokenizer) -> dict[str, Any]:
     return {k: getattr(args, k, None) for k in keys} | {"tokenizer_vocab": tokenizer.vocab_size}
 
 
-def _shared_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+def _checksum(
+    fields: Mapping[str, str], arrays: Mapping[str, mx.array], names: Sequence[str] = FIELDS
+) -> str:
+    """sha256 over the metadata fields `names` and every array's name, shape, dtype and bytes."""
+    digest = hashlib.sha256()
+    for key in names:
+        digest.update(f"{key}={fields[key]}\n".encode())
+    for name in sorted(arrays):
+        value = arrays[name]
+        digest.update(f"{name}|{value.shape}|{value.dtype}\n".encode())
+        digest.update(np.array(value.view(mx.uint8)).tobytes())
+    return digest.hexdigest()
+
+
+def _media_keys(messages: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The keys of the `EncodedMedia` sources in `messages`."""
+    keys: list[str] = []
+
+    def note(_: str, source: Any, __: int) -> Any:
+        if isinstance(source, EncodedMedia):
+            keys.append(source.key)
+        return source
+
+    map_sources(messages, note)
+    return keys
+
+
+def user_content(
+    message: str | Sequence[Mapping[str, Any]], images: Any, audio: Any
+) -> str | list[Mapping[str, Any]]:
+    """A user message's content: the text, or content parts (images, then audio, then the text)."""
+    images, audio = media_list("images", images), media_list("audio", audio)
+    if not isinstance(message, str):
+        if images or audio:
+            raise OptionError("give images and audio as content parts or as images=/audio=")
+        if not isinstance(message, Sequence) or not all(isinstance(p, Mapping) for p in message):
+            raise OptionError("message must be a string or a list of content parts (dicts)")
+        return list(message)
+    check_text("message", message)
+    if not images and not audio:
+        return message
+    return [
+        *({"type": "image", "image": image} for image in images),
+        *({"type": "audio", "audio": clip} for clip in audio),
+        {"type": "text", "text": message},
+    ]
 
 
 class ChatSession:
@@ -60,6 +127,11 @@ class ChatSession:
     ):
         if tokenizer.chat_template is None:
             raise GemmaMLXError("this model's tokenizer has no chat template: it cannot chat")
+        check_generation_options(model, options)
+        if options.get("images") or options.get("audio"):
+            raise OptionError("a chat session takes images and audio with a message (send/stream)")
+        if system is not None:
+            check_text("system", system)
         self.model = model
         self.tokenizer = tokenizer
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
@@ -69,19 +141,33 @@ class ChatSession:
             self.messages.append({"role": "system", "content": system})
         self.cache = model.make_cache()
         self.tokens: list[int] = []  # the tokens whose keys and values `cache` holds
+        self.media: tuple[MediaItem, ...] = ()  # the images and clips among `tokens`
+        self.encoded: dict[str, mx.array] = {}  # soft tokens of the history's media, by key
 
-    def stream(self, message: str, **options: Any) -> Iterator[GenerationResponse]:
-        """Add the user `message` and stream the reply (see `stream_generate`)."""
-        messages = [*self.messages, {"role": "user", "content": message}]
-        ids = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, **self.chat_template_kwargs
-        )
-        self._rewind(min(_shared_prefix(self.tokens, ids), len(ids) - 1))
+    def stream(
+        self,
+        message: str | Sequence[Mapping[str, Any]],
+        images: Any = (),
+        audio: Any = (),
+        **options: Any,
+    ) -> Iterator[GenerationResponse]:
+        """Add the user `message` (text, with `images`/`audio` if any, or a list of content
+        parts) and stream the reply (see `stream_generate`)."""
+        content = user_content(message, images, audio)
+        messages = [*self.messages, {"role": "user", "content": content}]
+        options = self.options | options
+        prompt = prepare_prompt(
+            self.model, self.tokenizer, messages,
+            max_soft_tokens=options.get("max_soft_tokens", DEFAULT_SOFT_TOKENS),
+            chat_template_kwargs=self.chat_template_kwargs, encoded=self.encoded,
+        )  # fmt: skip
+        ids, items = prompt.tokens, () if prompt.media is None else prompt.media.items
+        self._rewind(min(reusable_prefix(self.tokens, self.media, ids, items), len(ids) - 1))
         generated: list[int] = []
         answer: list[str] = []
         try:
             for response in stream_generate(
-                self.model, self.tokenizer, ids, prompt_cache=self.cache, **(self.options | options)
+                self.model, self.tokenizer, prompt, prompt_cache=self.cache, **options
             ):
                 generated.append(response.token)
                 if response.channel == ANSWER:
@@ -90,12 +176,30 @@ class ChatSession:
         finally:
             # Also after an interrupted turn: the cache holds a prefix of prompt + reply.
             self.tokens = (ids + generated)[: self.cache[0].offset]
+            self.media = tuple(item for item in items if item.end <= len(self.tokens))
             if generated:
-                self.messages = [*messages, {"role": "assistant", "content": "".join(answer)}]
+                keys = {
+                    kind: [i.key for i in items if i.kind == kind] for kind in ("image", "audio")
+                }
+                self.messages = [
+                    *with_encoded(messages, keys),
+                    {"role": "assistant", "content": "".join(answer)},
+                ]
+            # Soft tokens are kept while the history or the cache refers to them.
+            kept = {*_media_keys(self.messages), *(item.key for item in self.media)}
+            self.encoded = {k: v for k, v in self.encoded.items() if k in kept}
 
-    def send(self, message: str, **options: Any) -> str:
-        """Add the user `message`; return the reply's answer text."""
-        reply = [r.text for r in self.stream(message, **options) if r.channel == ANSWER]
+    def send(
+        self,
+        message: str | Sequence[Mapping[str, Any]],
+        images: Any = (),
+        audio: Any = (),
+        **options: Any,
+    ) -> str:
+        """Add the user `message` (see `stream`); return the reply's answer text."""
+        reply = [
+            r.text for r in self.stream(message, images, audio, **options) if r.channel == ANSWER
+        ]
         return "".join(reply)
 
     def _rewind(self, n: int) -> None:
@@ -106,59 +210,98 @@ class ChatSession:
         elif drop:
             self.cache = self.model.make_cache()
             self.tokens = []
+        self.media = tuple(item for item in self.media if item.end <= len(self.tokens))
 
     def save(self, path: str | Path) -> None:
-        """Write the conversation and its KV cache to `path` (safetensors); never overwrites."""
+        """Write the conversation and its KV cache to `path` (safetensors), atomically: the file
+        appears complete or not at all, and an existing file is never replaced."""
         path = Path(path)
         if path.exists():
             raise SessionFileError(f"{path}: already exists (choose another name)")
         arrays = {
             f"cache.{i}.{j}": a for i, c in enumerate(self.cache) for j, a in enumerate(c.state)
         }
-        metadata = {
-            "format": FORMAT,
+        arrays |= {MEDIA_ARRAY + key: value for key, value in self.encoded.items()}
+        mx.eval(arrays)
+        try:
+            messages = json.dumps(to_json(self.messages))
+        except TypeError as e:
+            raise SessionFileError(f"{path}: the conversation cannot be saved as JSON ({e})") from e
+        fields = {
             "signature": json.dumps(_model_signature(self.model, self.tokenizer)),
-            "messages": json.dumps(self.messages),
+            "weights": json.dumps(model_fingerprint(self.model)),
+            "messages": messages,
             "tokens": json.dumps(self.tokens),
             "chat_template_kwargs": json.dumps(self.chat_template_kwargs),
             "cache_types": json.dumps([type(c).__name__ for c in self.cache]),
             "meta_state": json.dumps([list(c.meta_state) for c in self.cache]),
+            "media": json.dumps([list(item) for item in self.media]),
         }
-        partial = path.with_name(f".{path.name}.partial.safetensors")
-        mx.save_safetensors(str(partial), arrays, metadata=metadata)
-        os.replace(partial, path)
+        metadata = {"format": FORMAT, **fields, "checksum": _checksum(fields, arrays)}
+
+        def write(partial: Path) -> None:
+            with partial.open("wb") as f:
+                mx.save_safetensors(f, arrays, metadata=metadata)
+
+        write_file_atomically(path, write)
 
     @classmethod
     def load(
         cls, path: str | Path, model: Any, tokenizer: Tokenizer, **options: Any
     ) -> ChatSession:
-        """A session saved by `save`, continued with `model` (which must be the same model)."""
+        """A session saved by `save`, continued with `model`, which must hold the same weights
+        (checked by their fingerprint); damaged files are refused (checked by a checksum)."""
         path = Path(path)
-        try:
-            arrays, metadata = mx.load(str(path), return_metadata=True)
-        except (OSError, RuntimeError, ValueError) as e:
-            raise SessionFileError(f"{path}: cannot be read as a saved chat session ({e})") from e
-        if metadata.get("format") != FORMAT:
-            raise SessionFileError(f"{path}: not a saved chat session (format {FORMAT})")
-        if json.loads(metadata["signature"]) != _model_signature(model, tokenizer):
-            raise SessionFileError(f"{path}: was saved with a different model")
-        session = cls(
-            model,
-            tokenizer,
-            chat_template_kwargs=json.loads(metadata["chat_template_kwargs"]),
-            **options,
-        )
-        types = json.loads(metadata["cache_types"])
-        if types != [type(c).__name__ for c in session.cache]:
+        arrays, fields = _read_session(path)
+        if fields["signature"] != _model_signature(model, tokenizer):
+            raise SessionFileError(f"{path}: was saved with a different model (other shapes)")
+        if fields["weights"] != model_fingerprint(model):
+            raise SessionFileError(
+                f"{path}: was saved with a different model (same shapes, other weights)"
+            )
+        session = cls(model, tokenizer, chat_template_kwargs=fields["chat_template_kwargs"],
+                      **options)  # fmt: skip
+        if fields["cache_types"] != [type(c).__name__ for c in session.cache]:
             raise SessionFileError(f"{path}: its caches do not match this model's")
-        session.tokens = json.loads(metadata["tokens"])
-        session.messages = json.loads(metadata["messages"])
-        if session.tokens:
-            for i, (cache, meta) in enumerate(
-                zip(session.cache, json.loads(metadata["meta_state"]), strict=True)
-            ):
-                cache.state = (arrays[f"cache.{i}.0"], arrays[f"cache.{i}.1"])
-                cache.meta_state = tuple(meta)
+        try:
+            session.tokens = [int(t) for t in fields["tokens"]]
+            session.messages = from_json([dict(m) for m in fields["messages"]])
+            session.media = tuple(MediaItem(*item) for item in fields.get("media", []))
+            session.encoded = {
+                name[len(MEDIA_ARRAY) :]: value
+                for name, value in arrays.items()
+                if name.startswith(MEDIA_ARRAY)
+            }
+            if session.tokens:
+                for i, (cache, meta) in enumerate(
+                    zip(session.cache, fields["meta_state"], strict=True)
+                ):
+                    cache.state = (arrays[f"cache.{i}.0"], arrays[f"cache.{i}.1"])
+                    cache.meta_state = tuple(meta)
+        except (KeyError, TypeError, ValueError) as e:
+            raise SessionFileError(f"{path}: its cache cannot be restored ({e})") from e
         if session.cache and session.cache[0].offset != len(session.tokens):
             raise SessionFileError(f"{path}: its cache and token list disagree")
         return session
+
+
+def _read_session(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
+    """The arrays and the decoded metadata fields of a session file, after its checksum."""
+    try:
+        arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise SessionFileError(f"{path}: cannot be read as a saved chat session ({e})") from e
+    names = FORMATS.get(metadata.get("format"))
+    if names is None:
+        raise SessionFileError(
+            f"{path}: not a chat session saved by this version of gemma_mlx (format {FORMAT})"
+        )
+    missing = [key for key in (*names, "checksum") if key not in metadata]
+    if missing:
+        raise SessionFileError(f"{path}: damaged (no '{missing[0]}' in its metadata)")
+    if metadata["checksum"] != _checksum(metadata, arrays, names):
+        raise SessionFileError(f"{path}: damaged (its checksum does not match its contents)")
+    try:
+        return arrays, {key: json.loads(metadata[key]) for key in names}
+    except json.JSONDecodeError as e:
+        raise SessionFileError(f"{path}: damaged metadata ({e})") from e

@@ -1,31 +1,50 @@
 """`python -m gemma_mlx.generate` / `gemma-mlx`: generate text, or chat (`--chat`), in a terminal.
 
 Generated text goes to stdout as it is produced (rich colour only on a terminal, plain text when
-piped); statistics go to stderr in mlx-lm's wording. Bad input ends with one line on stderr and
-exit status 2.
+piped); statistics go to stderr in mlx-lm's wording.
+
+One error boundary (`run`): every failure ends with one line on stderr. Bad input and file
+problems (a missing or damaged model, a full disk: the package's errors and OSError) name the
+file, field or option and exit with status 2; anything else is a bug: one line with a hint to rerun
+with --verbose, which prints the traceback, and exit status 1. Options are checked, and --image and
+--audio files read and decoded, before the model is loaded.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, ClassVar, TextIO
 
 import mlx.core as mx
 
 from gemma_mlx import _platform
-from gemma_mlx.chat import ChatSession
-from gemma_mlx.errors import GemmaMLXError
+from gemma_mlx.chat import ChatSession, user_content
+from gemma_mlx.drafters import assistant_beside, make_drafter
+from gemma_mlx.errors import GemmaMLXError, OptionError
 from gemma_mlx.generate import print_stats, stream_generate
 from gemma_mlx.hub import load, resolve_model
-from gemma_mlx.sample import OptionError, check_sampling_options
+from gemma_mlx.loading import load_model as load_model_directory
+from gemma_mlx.media.audio import SAMPLING_RATE, read_audio
+from gemma_mlx.media.image import DEFAULT_SOFT_TOKENS, SOFT_TOKEN_BUDGETS, open_image
+from gemma_mlx.options import check_number, check_seed, check_text
+from gemma_mlx.sample import check_sampling_options
 from gemma_mlx.tokenizer import ANSWER, THOUGHT, TOOL_CALL
 
 PROG = "gemma-mlx"
 EXIT_BAD_INPUT = 2
+EXIT_INTERNAL_ERROR = 1
+# Failures a user can act on; their messages name the file, field or option.
+EXPECTED_ERRORS = (GemmaMLXError, OSError)
+# --draft-model values that are not paths.
+DRAFT_KEYWORDS = ("prompt-lookup", "auto")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -85,6 +104,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N|auto",
         help="drafts per round with --draft-model (auto: adapt to measured acceptance and cost)",
     )
+    p.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="an image for the prompt (repeatable; Gemma 4 with its vision tower)",
+    )
+    p.add_argument(
+        "--audio",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="an audio clip for the prompt, up to 30 s (repeatable; Gemma 4 E2B, E4B, 12B)",
+    )
+    p.add_argument(
+        "--max-soft-tokens",
+        type=int,
+        choices=SOFT_TOKEN_BUDGETS,
+        default=DEFAULT_SOFT_TOKENS,
+        help=f"tokens an image may take (default {DEFAULT_SOFT_TOKENS})",
+    )
     p.add_argument("--verbose", action="store_true", help="also report BLAS, device and loading")
     return p
 
@@ -100,27 +140,61 @@ def _num_draft(value: str) -> int | str:
 def check_options(args: argparse.Namespace) -> None:
     """Reject bad option values before the (slow) model load."""
     check_sampling_options(args.temp, args.top_k, args.top_p, args.min_p)
+    check_seed(args.seed, "--seed")
     if args.max_tokens < 1:
         raise OptionError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-    if args.repetition_penalty is not None and not args.repetition_penalty > 0:
-        raise OptionError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
+    penalty = args.repetition_penalty
+    if penalty is not None and not check_number("--repetition-penalty", penalty) > 0:
+        raise OptionError(f"--repetition-penalty must be > 0, got {penalty}")
     if args.repetition_context_size < 1:
         raise OptionError(
             f"--repetition-context-size must be >= 1, got {args.repetition_context_size}"
         )
     if args.prefill_step_size is not None and args.prefill_step_size < 1:
         raise OptionError(f"--prefill-step-size must be >= 1, got {args.prefill_step_size}")
-    if any(not s for s in args.stop):
+    if any(not check_text("--stop", s) for s in args.stop):
         raise OptionError("--stop strings must not be empty")
+    if args.chat and args.no_chat_template:
+        raise OptionError("--chat needs the chat template; drop --no-chat-template")
+    for option, value in (("--prompt", args.prompt), ("--system", args.system)):
+        if value is not None:
+            check_text(option, value)
+    draft = args.draft_model
+    if draft is not None and draft not in DRAFT_KEYWORDS and not (draft and Path(draft).is_dir()):
+        raise OptionError(
+            f"--draft-model {draft}: no such model directory (or use prompt-lookup or auto)"
+        )
+
+
+def read_media(args: argparse.Namespace) -> tuple[list[Any], list[Any]]:
+    """The --image and --audio files, decoded (and checked: format, pixel count, length) before
+    the model is loaded: (PIL images, (16 kHz samples, 16000) clips)."""
+    images = [open_image(path) for path in args.image]
+    audio = [(read_audio(path), SAMPLING_RATE) for path in args.audio]
+    return images, audio
 
 
 def read_prompt(args: argparse.Namespace) -> str | None:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = read_stdin() if args.prompt == "-" else args.prompt
     if prompt is None and not args.chat:
         raise OptionError("no prompt: pass -p TEXT, or -p - to read it from stdin")
     if prompt is not None and not prompt.strip():
         raise OptionError("the prompt is empty")
     return prompt
+
+
+def read_stdin() -> str:
+    """All of stdin, decoded as UTF-8 whatever the locale says."""
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+    if isinstance(data, str):
+        return data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise OptionError(
+            f"the prompt on stdin is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset "
+            f"{e.start})"
+        ) from e
 
 
 class TextOutput:
@@ -189,7 +263,8 @@ class PromptProgress:
                 self.progress = None
 
 
-def generation_options(args: argparse.Namespace) -> dict[str, Any]:
+def generation_options(args: argparse.Namespace, draft: Any) -> dict[str, Any]:
+    """`stream_generate` options from the command line; `draft` as `load_draft` resolved it."""
     return {
         "max_tokens": args.max_tokens,
         "temp": args.temp,
@@ -202,15 +277,28 @@ def generation_options(args: argparse.Namespace) -> dict[str, Any]:
         "stop": args.stop,
         "prefill_step_size": args.prefill_step_size,
         "prompt_progress": PromptProgress(sys.stderr.isatty()),
-        "draft": args.draft_model,
+        "draft": draft,
         "num_draft": args.num_draft,
+        "max_soft_tokens": args.max_soft_tokens,
     }
+
+
+@contextlib.contextmanager
+def step(what: str) -> Iterator[None]:
+    """Name the step in an OSError that names no file (a full disk, ENOSPC, names none)."""
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, GemmaMLXError) or e.filename is not None:
+            raise
+        raise GemmaMLXError(f"{what}: {e.strerror or e}") from e
 
 
 def load_model(args: argparse.Namespace):
     start = time.perf_counter()
-    path = resolve_model(args.model)
-    model, tokenizer = load(path)
+    with step(f"preparing the model {args.model or '(built-in)'}"):
+        path = resolve_model(args.model)
+    model, tokenizer = load(path, media=bool(args.image or args.audio))
     model.path = path  # where --draft-model auto looks for an assistant
     if args.verbose:
         print(f"BLAS: {_platform.describe_blas()}", file=sys.stderr)
@@ -219,11 +307,27 @@ def load_model(args: argparse.Namespace):
     return model, tokenizer
 
 
+def load_draft(args: argparse.Namespace, model) -> Any:
+    """--draft-model loaded and checked against the model before generation starts: None,
+    "prompt-lookup" or a drafter model ("auto": the assistant beside the model, if any)."""
+    draft = args.draft_model
+    if draft == "auto":
+        draft = assistant_beside(model.path)
+    if draft is None or draft == "prompt-lookup":
+        return draft
+    draft_model = load_model_directory(draft)
+    try:
+        make_drafter(draft_model, model)
+    except ValueError as e:
+        if isinstance(e, GemmaMLXError):
+            raise
+        raise OptionError(f"--draft-model {draft}: {e}") from e
+    return draft_model
+
+
 def uses_chat_template(args: argparse.Namespace, tokenizer) -> bool:
     wanted = args.chat or args.use_chat_template or args.system is not None
     if args.no_chat_template:
-        if args.chat:
-            raise OptionError("--chat needs the chat template; drop --no-chat-template")
         return False
     if tokenizer.chat_template is None:
         if wanted:
@@ -235,17 +339,21 @@ def uses_chat_template(args: argparse.Namespace, tokenizer) -> bool:
     return wanted or tokenizer.instruction_tuned
 
 
-def run_once(args, model, tokenizer, prompt: str, out: TextOutput) -> None:
+def run_once(args, model, tokenizer, draft, prompt: str, media, out: TextOutput) -> None:
+    images, audio = media
     if uses_chat_template(args, tokenizer):
         messages = [{"role": "system", "content": args.system}] if args.system else []
-        prompt = [*messages, {"role": "user", "content": prompt}]
+        prompt = [*messages, {"role": "user", "content": user_content(prompt, images, audio)}]
+        images, audio = [], []  # in the message's content parts
     response = None
     for response in stream_generate(
         model,
         tokenizer,
         prompt,
         chat_template_kwargs={"enable_thinking": True} if args.think else None,
-        **generation_options(args),
+        images=images,
+        audio=audio,
+        **generation_options(args, draft),
     ):
         out.write(response.channel, response.text)
     out.end()
@@ -253,14 +361,16 @@ def run_once(args, model, tokenizer, prompt: str, out: TextOutput) -> None:
         print_stats(response)
 
 
-def run_chat(args, model, tokenizer, first: str | None, out: TextOutput) -> None:
+def run_chat(args, model, tokenizer, draft, first: str | None, media, out: TextOutput) -> None:
+    """The REPL. A failed turn or /save prints its error and the conversation goes on. --image
+    and --audio go with the first message."""
     uses_chat_template(args, tokenizer)
     session = ChatSession(
         model,
         tokenizer,
         system=args.system,
         chat_template_kwargs={"enable_thinking": True} if args.think else None,
-        **generation_options(args),
+        **generation_options(args, draft),
     )
     print("Chat: /reset starts over, /save PATH keeps the session, Ctrl-D quits.", file=sys.stderr)
     message = first
@@ -271,6 +381,9 @@ def run_chat(args, model, tokenizer, first: str | None, out: TextOutput) -> None
             except EOFError:
                 print(file=sys.stderr)
                 return
+            except UnicodeDecodeError:
+                report_error(OptionError("that line is not valid UTF-8"), args.verbose)
+                continue
         command, _, argument = message.strip().partition(" ")
         if command in ("/quit", "/exit"):
             return
@@ -278,22 +391,67 @@ def run_chat(args, model, tokenizer, first: str | None, out: TextOutput) -> None
             session = ChatSession(model, tokenizer, args.system, session.chat_template_kwargs,
                                   **session.options)  # fmt: skip
         elif command == "/save":
-            try:
-                session.save(argument.strip())
-                print(f"saved to {argument.strip()}", file=sys.stderr)
-            except GemmaMLXError as e:
-                print(f"{PROG}: error: {e}", file=sys.stderr)
-        elif message.strip():
-            response = None
-            try:
-                for response in session.stream(message):
-                    out.write(response.channel, response.text)
-            except KeyboardInterrupt:
-                print(" [interrupted]", file=sys.stderr)
-            out.end()
-            if response is not None and args.verbose:
-                print_stats(response)
+            save_session(session, argument.strip(), args.verbose)
+        elif message.strip() and chat_turn(session, message, out, args.verbose, *media):
+            media = ([], [])  # they went with the first message
         message = None
+
+
+def save_session(session: ChatSession, path: str, verbose: bool) -> None:
+    """/save PATH: any failure, a bug included, is reported and the session is kept."""
+    try:
+        if not path:
+            raise OptionError("/save needs a file name: /save PATH")
+        with step(f"saving the session to {path}"):
+            session.save(Path(path).expanduser())
+        print(f"saved to {path}", file=sys.stderr)
+    except Exception as e:
+        report_error(e, verbose)
+
+
+def chat_turn(
+    session: ChatSession, message: str, out: TextOutput, verbose: bool, images=(), audio=()
+) -> bool:
+    """One turn; whether it went into the conversation (False when it failed)."""
+    response = None
+    try:
+        for response in session.stream(message, images, audio):
+            out.write(response.channel, response.text)
+    except KeyboardInterrupt:
+        print(" [interrupted]", file=sys.stderr)
+    except GemmaMLXError as e:  # a message the context cannot hold, ...: the session goes on
+        out.end()
+        report_error(e, verbose)
+        return False
+    out.end()
+    if response is not None and verbose:
+        print_stats(response)
+    return True
+
+
+def report_error(error: BaseException, verbose: bool) -> int:
+    """Print `error` as one line on stderr; return the exit status it calls for."""
+    if isinstance(error, EXPECTED_ERRORS):
+        print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if verbose:
+        traceback.print_exception(type(error), error, error.__traceback__)
+    hint = "" if verbose else " (rerun with --verbose for the traceback)"
+    print(
+        f"{PROG}: internal error: {type(error).__name__}: {one_line(error)}{hint}",
+        file=sys.stderr,
+    )
+    return EXIT_INTERNAL_ERROR
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line; an OSError as `file: reason`."""
+    if isinstance(error, OSError) and not isinstance(error, GemmaMLXError) and error.strerror:
+        files = [f for f in (error.filename, error.filename2) if f is not None]
+        message = ": ".join([*map(str, files), error.strerror]) if files else error.strerror
+    else:
+        message = str(error) or type(error).__name__
+    return " ".join(message.split())
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -301,22 +459,22 @@ def run(argv: Sequence[str] | None = None) -> int:
     try:
         check_options(args)
         prompt = read_prompt(args)
+        media = read_media(args)
         model, tokenizer = load_model(args)
+        draft = load_draft(args, model)
         out = TextOutput(sys.stdout, None if args.thinking is None else args.thinking == "show")
         if args.chat:
-            run_chat(args, model, tokenizer, prompt, out)
+            run_chat(args, model, tokenizer, draft, prompt, media, out)
         else:
-            run_once(args, model, tokenizer, prompt, out)
+            run_once(args, model, tokenizer, draft, prompt, media, out)
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (GemmaMLXError, OSError) as e:
-        message = " ".join(str(e).split())
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C; SIGTERM while writing a file arrives as one too
         print(file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", signal.SIGINT)
+    except Exception as e:
+        return report_error(e, args.verbose)
     return 0
 
 

@@ -18,7 +18,8 @@ from typing import Any
 import mlx.core as mx
 
 from gemma_mlx.errors import PromptError
-from gemma_mlx.sample import LogitsProcessor, OptionError, Sampler
+from gemma_mlx.options import check_int
+from gemma_mlx.sample import LogitsProcessor, Sampler
 
 ProgressCallback = Callable[[int, int], None]
 # A token generator's signature (generate_tokens and its drafting counterparts): (model, prompt,
@@ -49,6 +50,10 @@ def context_length(model: Any) -> int | None:
 
 
 def log_softmax(logits: mx.array) -> mx.array:
+    """Log-probabilities in float32 whatever the model's dtype: in bfloat16 `logits - logsumexp`
+    rounds nearby logits of a flat row to one value, and greedy's argmax then takes the lower id
+    where the logits themselves differ (and differs from a speculative verify's argmax)."""
+    logits = logits.astype(mx.float32)
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
@@ -65,22 +70,33 @@ def prefill(
     tokens: Sequence[int],
     step_size: int,
     progress: ProgressCallback | None = None,
+    media: Any = None,
 ) -> None:
     """Feed `tokens` into `cache` in chunks of `step_size`; no logits are computed.
 
-    Only the cache is evaluated, so the output projection of a chunk never runs.
+    Only the cache is evaluated, so the output projection of a chunk never runs. `media` (a
+    `gemma4_multimodal.PromptMedia` of the whole prompt, whose first `cache[0].offset` tokens the
+    cache already holds) gives the soft tokens of images and audio, and chunks end where
+    `media.chunk_end` says, never inside an image whose tokens attend to each other both ways.
     """
-    if step_size < 1:
-        raise OptionError(f"prefill_step_size must be >= 1, got {step_size}")
+    step_size = check_int("prefill_step_size", step_size, minimum=1)
     kwargs = {"logits_to_keep": 0} if _accepts_logits_to_keep(model) else {}
+    if media is not None:
+        kwargs["media"] = media
+    base = cache[0].offset if cache and media is not None else 0
     total = len(tokens)
-    for start in range(0, total, step_size):
-        chunk = mx.array(tokens[start : start + step_size], dtype=mx.int32)[None]
+    start = 0
+    while start < total:
+        end = min(start + step_size, total)
+        if media is not None:
+            end = min(media.chunk_end(base + start, base + end) - base, total)
+        chunk = mx.array(tokens[start:end], dtype=mx.int32)[None]
         model(chunk, cache=cache, **kwargs)
         mx.eval([c.state for c in cache])
         if progress is not None:
-            progress(min(start + step_size, total), total)
+            progress(end, total)
         mx.clear_cache()
+        start = end
 
 
 def prefill_prompt(
@@ -89,10 +105,11 @@ def prefill_prompt(
     cache: list,
     prefill_step_size: int | None,
     progress: ProgressCallback | None,
+    media: Any = None,
 ) -> Callable[[], None]:
     """Prefill all of `prompt` but its last token, after the `cache[0].offset` tokens the cache
     already holds; returns a callback that reports the prompt as done (call it when the first
-    token is out, so a progress bar ends when the prompt's work does)."""
+    token is out, so a progress bar ends when the prompt's work does). `media`: see `prefill`."""
     done = cache[0].offset if cache else 0
     if not 0 <= done < len(prompt):
         raise PromptError(
@@ -104,7 +121,9 @@ def prefill_prompt(
         if progress is not None:
             progress(n, total)
 
-    prefill(model, cache, prompt[done:-1], prefill_step_size or default_prefill_step_size(), report)
+    if prefill_step_size is None:
+        prefill_step_size = default_prefill_step_size()
+    prefill(model, cache, prompt[done:-1], prefill_step_size, report, media)
     return lambda: report(total, total)
 
 

@@ -37,21 +37,23 @@ from gemma_mlx.speculative import (
 
 
 def pick(
-    logits: mx.array, ids: mx.array | None, temperature: float, vocab: int
+    logits: mx.array, ids: mx.array | None, sampling: FilteredSampler | None, vocab: int
 ) -> tuple[mx.array, mx.array | None]:
-    """A draft token from one row of head scores, and the [V] distribution it was drawn from.
+    """A draft token from one row of head scores, and the float32 [V] distribution it was drawn
+    from: the target's filters applied to the drafter's scores (any draft distribution keeps
+    rejection sampling exact; the same filters keep drafts where the target's mass is).
 
-    `ids` maps the scores to token ids (a centroid head scores a subset); greedy at temperature 0.
+    `ids` maps the scores to token ids (a centroid head scores a subset); greedy when `sampling`
+    is None.
     """
-    if temperature == 0:
+    if sampling is None:
         best = mx.argmax(logits, axis=-1)
         return (best if ids is None else ids[best]).astype(mx.int32), None
-    scaled = logits / temperature
-    choice = mx.random.categorical(scaled)
-    probs = mx.softmax(scaled, axis=-1)
+    probs = sampling.distribution(logits[None])[0]
+    choice = mx.random.categorical(mx.log(probs), key=sampling.next_key())
     if ids is None:
         return choice.astype(mx.int32), probs
-    return ids[choice].astype(mx.int32), mx.zeros((vocab,), probs.dtype).at[ids].add(probs)
+    return ids[choice].astype(mx.int32), mx.zeros((vocab,), mx.float32).at[ids].add(probs)
 
 
 def committed_kv(cache, window: int | None) -> tuple[mx.array, mx.array]:
@@ -112,14 +114,14 @@ class AssistantDrafter:
         tokens, probs = [], []
         for _ in range(k):
             z, h = self.assistant(x, h, shared, position)
-            if context.temperature == 0:
+            if context.sampling is None:
                 token, q = self.assistant.greedy_token(z)[0, 0], None
             else:
                 ids, logits = self.assistant.head(z)
                 token, q = pick(
                     logits[0, 0],
                     None if ids is None else ids[0, 0],
-                    context.temperature,
+                    context.sampling,
                     self.target.args.vocab_size,
                 )
             tokens.append(token)
@@ -158,7 +160,7 @@ class ModelDrafter:
         logits = self.model(pending, self.cache, logits_to_keep=1)[0, -1]
         tokens, probs = [], []
         for i in range(k):
-            token, q = pick(logits, None, context.temperature, logits.shape[-1])
+            token, q = pick(logits, None, context.sampling, logits.shape[-1])
             tokens.append(token)
             probs.append(q)
             if i < k - 1:
@@ -270,18 +272,20 @@ def make_drafter(
     raise ValueError(f"draft: expected a path, a model, 'prompt-lookup' or 'auto', got {draft!r}")
 
 
-def sampling_temperature(sampler: Sampler) -> float:
-    """The temperature of a sampler the rejection sampling can reproduce exactly."""
+def sampling_options(sampler: Sampler) -> dict[str, float | int]:
+    """The options of a sampler whose distribution rejection sampling reproduces exactly: greedy,
+    or the built-in one (temperature, top-k, top-p, min-p)."""
     if sampler is greedy:
-        return 0.0
+        return {"temperature": 0.0}
     if isinstance(sampler, FilteredSampler):
-        if (sampler.top_k, sampler.top_p, sampler.min_p) == (0, 1.0, 0.0):
-            return sampler.temp
-        raise OptionError(
-            "drafting with top-k/top-p/min-p is not supported yet: use --temp alone with "
-            "--draft-model, or no draft model"
-        )
-    raise OptionError("drafting needs the built-in greedy or temperature sampler, not a custom one")
+        return {
+            "temperature": sampler.temp,
+            "top_k": sampler.top_k,
+            "top_p": sampler.top_p,
+            "min_p": sampler.min_p,
+            "seed": sampler.seed,
+        }
+    raise OptionError("drafting needs the built-in greedy or filtered sampler, not a custom one")
 
 
 def speculative_steps(
@@ -309,7 +313,7 @@ def speculative_steps(
         )  # fmt: skip
     return speculative_tokens(
         model, prompt, cache, drafter, num_draft=num_draft,
-        temperature=sampling_temperature(sampler), logits_processors=logits_processors,
+        **sampling_options(sampler), logits_processors=logits_processors,
         max_tokens=max_tokens, prefill_step_size=prefill_step_size, progress=progress,
         stats=stats,
     )  # fmt: skip

@@ -19,3 +19,16 @@ class ModelTooLargeError(GemmaMLXError, MemoryError):
 
 class PromptError(GemmaMLXError, ValueError):
     """An empty prompt, or one the model's context cannot hold."""
+
+
+class OptionError(GemmaMLXError, ValueError):
+    """A generation option outside its valid range; the message names the option."""
+
+
+class OptionTypeError(OptionError, TypeError):
+    """A generation option of the wrong type (a string where a number belongs, an unknown name)."""
+
+
+class MediaError(GemmaMLXError, ValueError):
+    """An image or audio input that cannot be used: unreadable, corrupt, unsupported, too large
+    or too long, or given to a checkpoint without the tower it needs."""

@@ -2,12 +2,15 @@
 
 `stream_generate` turns the token steps of `gemma_mlx.decode.generate_tokens` (or, with a drafter,
 of the speculative loop) into `GenerationResponse`s: detokenization, stop conditions, statistics
-(mlx-lm's field names and wording).
+(mlx-lm's field names and wording). Images and audio (Gemma 4 with its towers) are encoded and
+placed by `prepare_prompt` and prefilled with the prompt; decoding then runs as for text.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
+import os
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from gemma_mlx.decode import (
     ProgressCallback,
@@ -22,20 +26,26 @@ from gemma_mlx.decode import (
     TokenStep,
     context_length,
     generate_tokens,
+    prefill_prompt,
 )
 from gemma_mlx.drafters import speculative_steps
-from gemma_mlx.errors import PromptError
+from gemma_mlx.errors import OptionError, OptionTypeError, PromptError
+from gemma_mlx.media.image import DEFAULT_SOFT_TOKENS, SOFT_TOKEN_BUDGETS
+from gemma_mlx.media.layout import with_placeholders
+from gemma_mlx.media.messages import media_parts
+from gemma_mlx.media.prompt import EncodedMedia, PreparedPrompt, media_args, prepare
+from gemma_mlx.options import check_callable, check_int, check_text
 from gemma_mlx.sample import (
     LogitsProcessor,
-    OptionError,
     Sampler,
+    check_sampling_options,
     make_logits_processors,
     make_sampler,
 )
 from gemma_mlx.speculative import SpeculationStats
 from gemma_mlx.tokenizer import ANSWER, Tokenizer
 
-Prompt = str | Sequence[int] | mx.array | Sequence[Mapping[str, Any]]
+Prompt = str | Sequence[int] | mx.array | Sequence[Mapping[str, Any]] | PreparedPrompt
 
 
 @dataclass
@@ -64,10 +74,13 @@ class GenerationResponse:
 class StopStrings:
     """Cuts the text at the first stop string, holding back text that may begin one."""
 
-    def __init__(self, stops: Sequence[str]):
-        if any(not s for s in stops):
+    def __init__(self, stops: str | Sequence[str]):
+        stops = [stops] if isinstance(stops, str) else stops
+        if not isinstance(stops, Sequence):
+            raise OptionTypeError(f"stop must be a string or a list of strings, got {stops!r}")
+        self.stops = [check_text("stop string", s) for s in stops]
+        if any(not s for s in self.stops):
             raise OptionError("stop strings must not be empty")
-        self.stops = list(stops)
         self._held = ""
 
     def feed(self, text: str) -> tuple[str, bool]:
@@ -95,20 +108,25 @@ def encode_prompt(
 ) -> list[int]:
     """Token ids for a text, token ids, or a list of chat messages (rendered by the template)."""
     if isinstance(prompt, str):
-        if not prompt:
+        if not check_text("the prompt", prompt):
             raise PromptError("the prompt is empty")
         return tokenizer.encode(prompt)
     if isinstance(prompt, mx.array):
         prompt = prompt.reshape(-1).tolist()
+    if not isinstance(prompt, Sequence):
+        raise OptionTypeError(
+            f"prompt must be a string, token ids or chat messages, got {type(prompt).__name__}"
+        )
     prompt = list(prompt)
     if not prompt:
         raise PromptError("the prompt is empty")
-    if all(isinstance(m, Mapping) for m in prompt):
-        return tokenizer.apply_chat_template(
-            prompt, add_generation_prompt=True, tokenize=True, **(chat_template_kwargs or {})
+    if _is_messages(prompt):
+        text = tokenizer.apply_chat_template(
+            prompt, add_generation_prompt=True, **(chat_template_kwargs or {})
         )
+        return tokenizer.encode(check_text("the rendered chat", text), add_special_tokens=False)
     vocab = tokenizer.vocab_size
-    bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab]
+    bad = [t for t in prompt if not _is_int(t) or not 0 <= t < vocab]
     if bad:
         raise PromptError(
             f"prompt token {bad[0]!r} is not an id in the vocabulary (0..{vocab - 1})"
@@ -116,10 +134,151 @@ def encode_prompt(
     return prompt
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_messages(prompt: Any) -> bool:
+    return (
+        isinstance(prompt, Sequence)
+        and not isinstance(prompt, str)
+        and bool(prompt)
+        and all(isinstance(m, Mapping) for m in prompt)
+    )
+
+
+def prepare_prompt(
+    model: Any,
+    tokenizer: Tokenizer,
+    prompt: Prompt,
+    images: Any = (),
+    audio: Any = (),
+    max_soft_tokens: int = DEFAULT_SOFT_TOKENS,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+    encoded: dict[str, mx.array] | None = None,
+) -> PreparedPrompt:
+    """The prompt's token ids with its images and audio encoded (`gemma_mlx.media.prepare`).
+
+    Chat messages take theirs from their content parts; a text or token prompt takes `images` and
+    `audio` at its `<|image|>`/`<|audio|>` placeholders, or at its start when it has none.
+    `encoded` is a memo of soft tokens by content hash (a chat session's); a `PreparedPrompt` is
+    returned as it is.
+    """
+    images, audio = media_list("images", images), media_list("audio", audio)
+    if isinstance(prompt, PreparedPrompt):
+        if images or audio:
+            raise OptionError("a PreparedPrompt holds its media already: pass no images or audio")
+        return prompt
+    ids = encode_prompt(tokenizer, prompt, chat_template_kwargs)
+    _check_length(model, len(ids), 1)  # before encoding anything: media only add tokens
+    if _is_messages(prompt):
+        in_parts = media_parts(prompt)
+        if any(in_parts) and (images or audio):
+            raise OptionError(
+                "give images and audio as content parts of the messages or as images=/audio=, "
+                "not both"
+            )
+        images, audio = (images, audio) if images or audio else in_parts
+    for needs, kind, items in (("images", "image", images), ("audio", "audio", audio)):
+        if items:
+            placeholder = getattr(media_args(model, needs).tokens, kind)
+            ids = with_placeholders(ids, placeholder, len(items), tokenizer.bos_token_id)
+    return PreparedPrompt(*prepare(model, ids, images, audio, max_soft_tokens, encoded))
+
+
+def media_list(name: str, value: Any) -> list[Any]:
+    """`images=`/`audio=` as a list: one source (a path, bytes, data URL, PIL image, or for audio
+    (samples, sampling rate)) or a list of them."""
+    if value is None:
+        return []
+    one = isinstance(value, (str, bytes, os.PathLike, EncodedMedia)) or hasattr(value, "getbands")
+    if name == "audio" and isinstance(value, tuple) and len(value) == 2 and _is_int(value[1]):
+        one = True
+    if one:
+        return [value]
+    if not isinstance(value, Sequence):
+        raise OptionTypeError(f"{name} must be a source or a list of sources, got {value!r}")
+    return list(value)
+
+
+def check_generation_options(model: Any, options: Mapping[str, Any]) -> None:
+    """Check `stream_generate` keyword options before any work starts: an unknown name, a value of
+    the wrong type or out of range raises an OptionError naming the option."""
+    try:
+        bound = inspect.signature(stream_generate).bind(model, None, None, **options)
+    except TypeError as e:
+        raise OptionTypeError(f"generation options: {e}") from e
+    bound.apply_defaults()
+    _check_options(bound.arguments)
+
+
+def _check_options(options: Mapping[str, Any]) -> None:
+    """The checks of `check_generation_options` on all of `stream_generate`'s arguments."""
+    check_int("max_tokens", options["max_tokens"], minimum=1)
+    if options["sampler"] is None:
+        sampling = [options[k] for k in ("temp", "top_k", "top_p", "min_p", "seed")]
+        check_sampling_options(*sampling)
+    if options["logits_processors"] is None:
+        make_logits_processors(
+            options["logit_bias"], options["repetition_penalty"], options["repetition_context_size"]
+        )
+    elif not all(callable(p) for p in _sequence("logits_processors", options["logits_processors"])):
+        raise OptionTypeError("logits_processors must be a list of callables")
+    StopStrings(options["stop"])
+    media_list("images", options["images"])
+    media_list("audio", options["audio"])
+    if options["max_soft_tokens"] not in SOFT_TOKEN_BUDGETS:
+        raise OptionError(
+            f"max_soft_tokens must be one of {', '.join(map(str, SOFT_TOKEN_BUDGETS))}, "
+            f"got {options['max_soft_tokens']!r}"
+        )
+    for name in ("sampler", "prompt_progress", "token_generator"):
+        check_callable(name, options[name])
+    if options["prefill_step_size"] is not None:
+        check_int("prefill_step_size", options["prefill_step_size"], minimum=1)
+    kwargs = options["chat_template_kwargs"]
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise OptionTypeError(f"chat_template_kwargs must be a mapping, got {kwargs!r}")
+    _check_prompt_cache(options["model"], options["prompt_cache"])
+    _check_draft(options["draft"], options["num_draft"])
+
+
+def _sequence(name: str, value: Any) -> Sequence:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise OptionTypeError(f"{name} must be a list, got {value!r}")
+    return value
+
+
+def _check_prompt_cache(model: Any, cache: Any) -> None:
+    """A prompt cache must be `model.make_cache()`'s list, all layers at the same length: an empty
+    or foreign list would make the model run without the prompt."""
+    if cache is None:
+        return
+    want = len(model.make_cache())
+    if len(_sequence("prompt_cache", cache)) != want:
+        raise OptionError(
+            f"prompt_cache has {len(cache)} entries, this model needs {want} "
+            "(make it with model.make_cache())"
+        )
+    offsets = {getattr(c, "offset", None) for c in cache}
+    if len(offsets) != 1 or not all(_is_int(o) for o in offsets):
+        raise OptionError("prompt_cache: its layers hold different numbers of tokens")
+
+
+def _check_draft(draft: Any, num_draft: Any) -> None:
+    if num_draft != "auto":
+        check_int("num_draft", num_draft, minimum=0)
+    if draft is None or isinstance(draft, (str, os.PathLike)):
+        return
+    drafter = all(hasattr(draft, m) for m in ("prefill", "propose", "commit"))
+    if not isinstance(draft, nn.Module) and not drafter:
+        raise OptionTypeError(
+            f"draft must be a path, a model, 'prompt-lookup', 'auto' or a drafter, got {draft!r}"
+        )
+
+
 def _check_length(model: Any, n_prompt: int, max_tokens: int) -> int:
     """`max_tokens` clipped to the context; a prompt that does not fit is an error."""
-    if max_tokens < 1:
-        raise OptionError(f"max tokens must be >= 1, got {max_tokens}")
     limit = context_length(model)
     if limit is None:
         return max_tokens
@@ -155,8 +314,12 @@ def stream_generate(
     token_generator: TokenGenerator | None = None,
     draft: Any = None,
     num_draft: int | str = "auto",
+    images: Any = (),
+    audio: Any = (),
+    max_soft_tokens: int = DEFAULT_SOFT_TOKENS,
 ) -> Iterator[GenerationResponse]:
-    """Generate from `prompt` (text, token ids, or chat messages), one response per token.
+    """Generate from `prompt` (text, token ids, chat messages or a `PreparedPrompt`), one
+    response per token.
 
     Greedy by default. `sampler`/`logits_processors` replace the ones the sampling options would
     build. `prompt_cache` (from `model.make_cache()`) is extended in place: when it already holds
@@ -165,8 +328,16 @@ def stream_generate(
     `token_generator` replaces `generate_tokens` (same arguments), e.g. by a draft/verify loop.
     `draft` (a drafter model or path, "prompt-lookup", or "auto": the assistant beside the model
     directory) is that loop, with `num_draft` drafts per round or "auto" (`gemma_mlx.drafters`).
+    `images`/`audio` (a model loaded with its towers): sources for the prompt's placeholders, or
+    content parts of chat messages (`prepare_prompt`); an image takes up to `max_soft_tokens`
+    (70, 140, 280, 560 or 1120) tokens. Drafting works with them: drafts are verified by the model,
+    which alone sees the images.
     """
-    ids = encode_prompt(tokenizer, prompt, chat_template_kwargs)
+    _check_options(locals())  # every argument, before any work
+    prepared = prepare_prompt(
+        model, tokenizer, prompt, images, audio, max_soft_tokens, chat_template_kwargs
+    )
+    ids = prepared.tokens
     max_tokens = _check_length(model, len(ids), max_tokens)
     if sampler is None:
         sampler = make_sampler(temp, top_p=top_p, min_p=min_p, top_k=top_k, seed=seed)
@@ -174,7 +345,7 @@ def stream_generate(
         logits_processors = make_logits_processors(
             logit_bias, repetition_penalty, repetition_context_size, tokenizer.vocab_size
         )
-    stops = StopStrings([stop] if isinstance(stop, str) else list(stop))
+    stops = StopStrings(stop)
     cache = prompt_cache if prompt_cache is not None else model.make_cache()
     n_prompt = len(ids) - (cache[0].offset if cache else 0)
     detokenizer = tokenizer.detokenizer(tokenizer.channel_after(ids))
@@ -186,7 +357,10 @@ def stream_generate(
             speculative_steps, draft=draft, num_draft=num_draft, stats=speculation,
             model_path=getattr(model, "path", None),
         )  # fmt: skip
-    steps = (token_generator or generate_tokens)(
+    generator = token_generator or generate_tokens
+    if prepared.media is not None:
+        generator = after_media_prefill(generator, prepared.media)
+    steps = generator(
         model, ids, cache, sampler, logits_processors, max_tokens, prefill_step_size,
         prompt_progress,
     )  # fmt: skip
@@ -233,6 +407,29 @@ def stream_generate(
             if hasattr(steps, "close"):  # stop a generator's queued work now, not at collection
                 steps.close()
             return
+
+
+def after_media_prefill(generator: TokenGenerator, media: Any) -> TokenGenerator:
+    """`generator` (any token generator) run after a prefill that places `media`'s soft tokens:
+    it then starts from the prompt's last token, which is text, so it needs no media itself."""
+
+    def steps(
+        model: Any,
+        prompt: Sequence[int],
+        cache: list,
+        sampler: Sampler,
+        logits_processors: Sequence[LogitsProcessor],
+        max_tokens: int,
+        prefill_step_size: int | None,
+        progress: ProgressCallback | None,
+    ) -> Iterator[TokenStep]:
+        prompt_done = prefill_prompt(model, prompt, cache, prefill_step_size, progress, media)
+        yield from generator(
+            model, prompt, cache, sampler, logits_processors, max_tokens, prefill_step_size,
+            lambda done, total: prompt_done(),
+        )  # fmt: skip
+
+    return steps
 
 
 def generate(

@@ -9,6 +9,9 @@
   top-2 tie that close could tell them apart.)
 - Sampling: Leviathan et al.'s rejection sampling (accept d with probability min(1, p(d)/q(d)),
   resample a rejection from norm(max(p - q, 0))), which leaves the target's distribution unchanged.
+  p is the distribution the plain sampler would draw from: each verify row's logits after the
+  logits processors, then temperature, top-k, top-p and min-p (`SamplingFilters`), renormalised,
+  in float32 whatever the model's dtype; q is whatever the drafter drew from.
 - After each verify every target cache is trimmed by the rejected drafts (exact at any length: the
   rotating caches keep `max_trim` extra positions), before anything reads it again.
 - One host synchronization per round: the accepted count and the tokens come back in one array.
@@ -28,6 +31,7 @@ import mlx.nn as nn
 
 from gemma_mlx.decode import TokenStep, log_softmax, prefill_prompt
 from gemma_mlx.kernels import verify as verify_kernels
+from gemma_mlx.sample import FilteredSampler, greedy, make_sampler
 
 
 @dataclass
@@ -38,13 +42,13 @@ class DraftContext:
     cache: list  # the target's caches, holding every committed token but the last
     tokens: list[int]  # committed tokens (prompt + output); the last is not in `cache` yet
     hidden: mx.array | None  # target final-normed hidden state that predicted tokens[-1], [1, 1, H]
-    temperature: float  # 0: draft greedily
+    sampling: FilteredSampler | None  # the target's sampling distribution; None: greedy
 
 
 @dataclass
 class Proposal:
     tokens: mx.array  # [k] int32 drafts
-    probs: mx.array | None = None  # [k, V] distributions they were sampled from; None: one-hot
+    probs: mx.array | None = None  # [k, V] float32: what they were drawn from; None: one-hot
 
     @classmethod
     def empty(cls) -> Proposal:
@@ -254,6 +258,10 @@ def speculative_tokens(
     *,
     num_draft: int | str = "auto",
     temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    seed: int | None = None,
     logits_processors: Sequence = (),
     max_tokens: int = 256,
     prefill_step_size: int | None = None,
@@ -263,10 +271,16 @@ def speculative_tokens(
     """Yield up to `max_tokens` `TokenStep`s after `prompt`, drafting with `drafter`.
 
     The counterpart of `gemma_mlx.decode.generate_tokens` (same prompt-cache and prefill
-    behaviour): greedy at `temperature` 0, else sampling from softmax(logits / temperature) with
-    rejection sampling. `cache` must trim `num_draft` positions (`make_cache(max_trim=...)`).
-    `stats` (optional) is updated after every round.
+    behaviour): greedy at `temperature` 0, else rejection sampling from the distribution the
+    sampler of `make_sampler(temperature, top_p, min_p, top_k)` draws from; its random stream
+    (drafts and acceptance) starts from `seed`, so a seeded run repeats. `cache` must trim
+    `num_draft` positions (`make_cache(max_trim=...)`). `stats` (optional) is updated after every
+    round.
     """
+    # make_sampler checks and spells the options as plain decoding does; its distribution and its
+    # own random stream are used.
+    sampler = make_sampler(temperature, top_p=top_p, min_p=min_p, top_k=top_k, seed=seed)
+    sampling = None if sampler is greedy else sampler
     controller = draft_length_controller(num_draft)
     check_trimmable(cache, controller.max_draft)
     stats = stats if stats is not None else SpeculationStats()
@@ -274,7 +288,7 @@ def speculative_tokens(
 
     # The first round feeds the prompt's last token without drafts: the MTP drafter needs the
     # target's hidden state of the position before the newest token.
-    context = DraftContext(model, cache, list(prompt), None, temperature)
+    context = DraftContext(model, cache, list(prompt), None, sampling)
     produced = 0
     while produced < max_tokens:
         start = time.perf_counter()
@@ -284,11 +298,11 @@ def speculative_tokens(
         inputs = mx.concatenate([mx.array(context.tokens[-1:], mx.int32), proposal.tokens])
         logits, hidden = model(inputs[None], cache, return_hidden=True)
         logits = _process(logits[0], context.tokens, proposal.tokens, logits_processors)
-        if temperature == 0:
+        if sampling is None:
             n, following = verify_kernels.verify_greedy(logits, proposal.tokens)
         else:
-            probs = mx.softmax(logits / temperature, axis=-1)
-            uniforms = mx.random.uniform(shape=(k + 1,))
+            probs = sampling.distribution(logits)  # float32 [k + 1, V]
+            uniforms = mx.random.uniform(shape=(k + 1,), key=sampling.next_key())
             n, following = verify_kernels.verify_sampling(
                 probs, proposal.probs, proposal.tokens, uniforms
             )

@@ -259,21 +259,27 @@ def render_chat_template(
         return _compile_template(template).render(messages=list(messages), **variables)
     except jinja2.TemplateError as e:
         raise TokenizerError(f"chat template: {e}") from e
+    except (TypeError, ValueError, KeyError, AttributeError, ArithmeticError) as e:
+        # A template is code from the model's files: a damaged one fails like this.
+        raise TokenizerError(f"chat template: {type(e).__name__}: {e}") from e
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TokenizerError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise TokenizerError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _token_text(value: Any) -> str | None:
     """A special token as tokenizer_config.json writes it: a string or an AddedToken dict."""
     if isinstance(value, dict):
-        return value.get("content")
+        value = value.get("content")
     return value if isinstance(value, str) else None
 
 
@@ -288,7 +294,10 @@ def _ids(value: Any) -> list[int]:
 def _chat_template(model_dir: Path, config: dict[str, Any]) -> str | None:
     jinja_file = model_dir / "chat_template.jinja"
     if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
+        try:
+            return jinja_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise TokenizerError(f"{jinja_file}: not valid UTF-8 ({e})") from e
     template = config.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}

@@ -2,10 +2,21 @@
 //
 // Order used everywhere: a (value, index) pair beats another when its value is larger, or equal
 // with a lower index. It is a strict total order on distinct indices, so every reduction tree
-// gives the same winner: the lowest index among the largest values (like mx.argmax, and like a
-// stable descending sort). NaN never beats anything.
+// gives the same winner: the lowest index among the largest values (like mx.argmax on Metal, and
+// like a stable descending sort). NaN ranks below every number (NaN values are ignored, as by
+// MLX's Metal argmax; its CPU argmax ranks NaN highest instead), but any candidate beats
+// NO_INDEX, the index of "no candidate yet": a row of NaN gives its lowest index, a row of -inf
+// too, never NO_INDEX. Start a search from (-INFINITY, NO_INDEX).
+
+constexpr constant uint NO_INDEX = 0xFFFFFFFFu;
 
 inline bool beats(float value, uint index, float best, uint best_index) {
+  if (index == NO_INDEX) {
+    return false;
+  }
+  if (best_index == NO_INDEX || metal::isnan(best)) {
+    return !metal::isnan(value) || index < best_index;
+  }
   return value > best || (value == best && index < best_index);
 }
 
@@ -38,7 +49,7 @@ inline void threadgroup_argmax(
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
   value = lane < SIMDGROUPS ? values[lane] : -INFINITY;
-  index = lane < SIMDGROUPS ? indices[lane] : UINT_MAX;
+  index = lane < SIMDGROUPS ? indices[lane] : NO_INDEX;
   simd_argmax(value, index);
   threadgroup_barrier(mem_flags::mem_threadgroup);  // the buffers may be reused after this
 }
@@ -54,7 +65,7 @@ inline void simd_next_best(
     thread float& best,
     thread uint& best_index) {
   best = -INFINITY;
-  best_index = UINT_MAX;
+  best_index = NO_INDEX;
   for (int n = 0; n < PER_LANE; ++n) {
     uint e = uint(n) * 32 + lane;
     if (e < count && ((taken >> n) & 1) == 0 && beats(values[n], e, best, best_index)) {

@@ -1,15 +1,18 @@
-// Speculative verify, greedy: how many drafts equal the target's argmax, and the target's token
-// after them. Body of an mx.fast.metal_kernel; see gemma_mlx/kernels/verify.py.
+// Speculative verify, greedy, launch 2 of 2: how many drafts equal the target's argmax, and the
+// target's token after them. Body of an mx.fast.metal_kernel; see gemma_mlx/kernels/verify.py.
 //
-// Inputs:  logits [K+1, V] (row i follows draft i - 1), drafts [K] int32
+// Inputs:  values [K+1, G] float, ids [K+1, G] uint32 (launch 1: each chunk's best logit and its
+//          id), drafts [K] int32
 // Outputs: result [2] int32: (accepted n, the argmax of row n)
-// Template: TG (threads, one threadgroup, a multiple of 32)
+// Template: TG (threads, a multiple of 32)
+// Grid:    one threadgroup
 //
-// Rows are reduced one after another and the loop stops at the first rejected draft, so a round
-// reads n + 1 rows, not K + 1. Ties go to the lower token id (as mx.argmax).
+// A row's argmax is the best of its chunks' in the order of select.h (larger value, then lower
+// id): a strict total order, so it equals the argmax of the whole row, the lowest id among the
+// largest logits. Rows are combined in order and the loop stops at the first rejected draft.
 
-const uint V = logits_shape[1];
-const uint K = logits_shape[0] - 1;
+const uint G = values_shape[1];
+const uint K = values_shape[0] - 1;
 const uint t = thread_index_in_threadgroup;
 
 threadgroup float best_values[TG / 32];
@@ -18,14 +21,14 @@ threadgroup uint best_indices[TG / 32];
 uint n = 0;
 uint token = 0;
 for (uint row = 0; row <= K; ++row) {
-  auto x = logits + size_t(row) * V;
   float best = -INFINITY;
-  uint best_index = UINT_MAX;
-  for (uint v = t; v < V; v += TG) {
-    float value = float(x[v]);
-    if (beats(value, v, best, best_index)) {
+  uint best_index = NO_ID;
+  for (uint c = t; c < G; c += uint(TG)) {
+    const float value = values[size_t(row) * G + c];
+    const uint id = ids[size_t(row) * G + c];
+    if (beats(value, id, best, best_index)) {
       best = value;
-      best_index = v;
+      best_index = id;
     }
   }
   threadgroup_argmax<TG / 32>(

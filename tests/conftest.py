@@ -11,6 +11,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import gemma_mlx  # noqa: F401  (preloads OpenBLAS before anything imports MLX)
 
+# The compute dtypes of the Mac-dtype lane: float32 (what the CPU backend loads by default) and
+# the half precisions a Mac computes in. `load(path, dtype=...)` picks them on the CPU too.
+MAC_DTYPES = ("bfloat16", "float16")
+DTYPES = ("float32", *MAC_DTYPES)
+
+
+@pytest.fixture(scope="module", params=DTYPES)
+def dtype(request) -> str:
+    """Each test that takes it runs once per compute dtype (module scope: one model per dtype).
+    A module that needs only the half precisions (its float32 twin runs elsewhere) narrows it:
+    `pytestmark = pytest.mark.parametrize("dtype", MAC_DTYPES, indirect=True, scope="module")`."""
+    return request.param
+
 
 @pytest.fixture(scope="session")
 def reference_checkpoints(tmp_path_factory):

@@ -1,13 +1,14 @@
 """GGUF files written from the tiny transformers checkpoints the way llama.cpp's converter writes them.
 
 Tensor names come from gguf-py's own table (`get_tensor_name_map`), metadata keys from llama.cpp's
-Gemma 3 / Gemma 4 converters (shared/reference/gemma4-architecture.md section 6). Linear weights
+Gemma 3 / Gemma 4 converters (docs/conversion.md). Linear weights
 are quantized with gguf-py's quantizers; `reference_state_dict` gives the values gguf-py
 dequantizes them to, so that transformers can run the very model the GGUF holds.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -84,9 +85,13 @@ def choose_type(
 
 
 def write_gguf(
-    model: torch.nn.Module, path: Path, qtype: GGMLQuantizationType = GGMLQuantizationType.Q4_0
+    model: torch.nn.Module,
+    path: Path,
+    qtype: GGMLQuantizationType = GGMLQuantizationType.Q4_0,
+    choose: Callable[[str, np.ndarray], GGMLQuantizationType] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Write `model` as llama.cpp would; returns the dequantized values, by HF name."""
+    """Write `model` as llama.cpp would; returns the dequantized values, by HF name. `choose`
+    (HF name, value) -> type picks each tensor's type (default: `qtype` where it fits, F32)."""
     config = model.config.get_text_config()
     arch = "gemma3" if config.model_type.startswith("gemma3") else "gemma4"
     writer = GGUFWriter(path, arch)
@@ -95,8 +100,8 @@ def write_gguf(
     for name, value in hf_tensors(model).items():
         if arch == "gemma3" and name.endswith("norm.weight"):
             value = value + 1.0  # llama.cpp stores Gemma 1-3 norms as (1 + w)
-        target = choose_type(name, value, qtype)
-        data = quants.quantize(value, target) if target != GGMLQuantizationType.F32 else value
+        target = choose(name, value) if choose else choose_type(name, value, qtype)
+        data = quantize(value, target) if target != GGMLQuantizationType.F32 else value
         writer.add_tensor(gguf_name(arch, name, config.num_hidden_layers), data, raw_dtype=target)
         back = quants.dequantize(data, target) if target != GGMLQuantizationType.F32 else value
         stored[name] = back - 1.0 if arch == "gemma3" and name.endswith("norm.weight") else back
@@ -112,6 +117,39 @@ def write_gguf(
             writer.add_tensor("rope_freqs.weight", factors)
     finish(writer)
     return stored
+
+
+def quantize(value: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """gguf-py's quantizer; for Q6_K (which gguf-py cannot write) `quantize_q6_k`."""
+    if qtype == GGMLQuantizationType.Q6_K:
+        return quantize_q6_k(value)
+    return quants.quantize(value, qtype)
+
+
+def quantize_q6_k(value: np.ndarray) -> np.ndarray:
+    """A valid Q6_K encoding (ggml's block_q6_K layout) of rows whose length is a multiple of 256:
+    per 16 weights a signed 8-bit multiple of the block's float16 d, codes q - 32 in -32..31.
+    Simpler than llama.cpp's search for the best scales; what matters here is that the bytes are
+    Q6_K with scales of both signs."""
+    rows = value.reshape(-1, 256).astype(np.float32)
+    n = rows.shape[0]
+    sub = rows.reshape(n, 16, 16)
+    extreme = np.take_along_axis(sub, np.abs(sub).argmax(-1)[..., None], -1)[..., 0]
+    sub_scale = extreme / -32.0  # [n, 16], signed as llama.cpp's: the extreme value is code 0
+    d = (np.abs(sub_scale).max(-1) / 127.0).astype(np.float16)  # [n]
+    d32 = d.astype(np.float32)[:, None]
+    sc = np.rint(np.divide(sub_scale, d32, out=np.zeros_like(sub_scale), where=d32 > 0))
+    sc = np.clip(sc, -128, 127).astype(np.int8)
+    step = d32 * sc.astype(np.float32)  # [n, 16]
+    codes = np.divide(sub, step[..., None], out=np.zeros_like(sub), where=step[..., None] != 0)
+    q = (np.clip(np.rint(codes), -32, 31) + 32).astype(np.uint8).reshape(n, 2, 4, 32)  # h, k, i
+    low, high = q & 15, q >> 4
+    ql = (low[:, :, 0:2] | (low[:, :, 2:4] << 4)).reshape(n, 128)  # byte 64 h + 32 (k % 2) + i
+    qh = (high << (2 * np.arange(4, dtype=np.uint8))[:, None]).sum(2, dtype=np.uint8)
+    blocks = np.concatenate(
+        [ql, qh.reshape(n, 64), sc.view(np.uint8), d.view(np.uint8).reshape(n, 2)], axis=1
+    )
+    return blocks.reshape(*value.shape[:-1], value.shape[-1] // 256 * 210)
 
 
 def finish(writer: GGUFWriter) -> None:

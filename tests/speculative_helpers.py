@@ -14,20 +14,35 @@ from gemma_mlx.speculative import DraftContext, Drafter, Proposal
 WINDOW = 32  # the acceptance criterion's sliding window
 
 
-def random_target(variant: str, seed: int = 0, window: int = WINDOW) -> nn.Module:
-    """A random MLX model with the structure of `hf_reference.VARIANTS[variant]`."""
+def random_target(
+    variant: str, seed: int = 0, window: int = WINDOW, dtype: str = "float32", **overrides
+) -> nn.Module:
+    """A random MLX model with the structure of `hf_reference.VARIANTS[variant]` (text config
+    keys in `overrides` replaced), computing in `dtype` like `gemma_mlx.load(..., dtype=dtype)`."""
     config = VARIANTS[variant]().to_dict()
     text = config.get("text_config") or config
-    text["sliding_window"] = window
+    text.update(sliding_window=window, **overrides)
     model_class, args_class = get_model_classes(config)
     mx.random.seed(seed)
     model = model_class(args_class.from_dict(config))
-    mx.eval(model.parameters())
+    cast(model, dtype)
     return model
 
 
+def cast(model: nn.Module, dtype: str) -> None:
+    """Every floating parameter to `dtype`, as the loader casts a checkpoint."""
+    wanted = getattr(mx, dtype)
+    model.update(
+        tree_map(
+            lambda w: w.astype(wanted) if mx.issubdtype(w.dtype, mx.floating) else w,
+            model.parameters(),
+        )
+    )
+    mx.eval(model.parameters())
+
+
 def random_assistant(
-    target: nn.Module, seed: int = 1, centroids: int = 0
+    target: nn.Module, seed: int = 1, centroids: int = 0, dtype: str = "float32"
 ) -> gemma4_assistant.Model:
     config = gemma4_assistant.config_for_target(
         target.args,
@@ -41,7 +56,7 @@ def random_assistant(
     if centroids:
         ordering = mx.random.permutation(target.args.vocab_size).astype(mx.int32)
         model.masked_embedding.token_ordering = ordering
-    mx.eval(model.parameters())
+    cast(model, dtype)
     return model
 
 

@@ -184,6 +184,25 @@ def test_graph_and_shape_byte_counts_agree(size):
         assert cost.primitives["QuantizedMatmul"] > 0 and cost.kernels < cost.total
 
 
+def test_kernel_path_and_verify_window_counts():
+    """Ours is traced twice more: with its Metal kernels in place (the MoE router becomes one
+    kernel per MoE layer; a decoded token's layer steps fused kernels) and for a verify window,
+    whose few (token, expert) pairs skip the dispatch and whose rows take the fused residual
+    steps only (the other fused kernels take one row)."""
+    config = tiny_config("26b-a4b")
+    ours = cost_model.trace_cost("gemma_mlx", config, context=300)
+    layers = config["num_hidden_layers"]
+    assert ours.metal["moe_route"] == layers and "moe_route" not in ours.primitives
+    assert cost_model.kernels_in(ours.metal) < ours.kernels
+    assert ours.window_metal["moe_route"] == layers and "moe_dispatch" not in ours.window_metal
+    one_row = {"projection", "projection_geglu", "head_norm_rope"}
+    assert one_row <= set(ours.metal) and not one_row & set(ours.window_metal)
+    assert ours.metal["residual_norm"] == ours.window_metal["residual_norm"] == 2 * layers
+    assert cost_model.kernels_in(ours.window_metal) < cost_model.kernels_in(ours.window)
+    peer = cost_model.trace_cost("mlx-lm", config, context=300)
+    assert peer.metal is None and cost_model.kernels_in(peer.window) > 0
+
+
 def test_cost_model_writes_a_row_per_size(tmp_path):
     """Two sizes here (the table of all five is `benchmarks/cost_model.md`): a dense and an MoE."""
     out = tmp_path / "cost.md"

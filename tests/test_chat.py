@@ -13,8 +13,8 @@ from gemma_mlx.loading import load
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return load(write_model(tmp_path_factory.mktemp("chat") / "model"))
+def tiny(tmp_path_factory, dtype):
+    return load(write_model(tmp_path_factory.mktemp("chat") / "model"), dtype=dtype)
 
 
 def words_only(tokenizer, eos_after: int | None):
@@ -67,7 +67,11 @@ def test_second_turn_prefills_only_the_new_message(tiny, eos_after):
     fresh = list(stream_generate(model, tokenizer, ids2, **options))
     assert [r.token for r in fresh] == [r.token for r in second]
     for a, b in zip(fresh, second, strict=True):
-        np.testing.assert_allclose(np.array(a.logprobs), np.array(b.logprobs), atol=1e-4)
+        np.testing.assert_allclose(
+            np.array(a.logprobs.astype(mx.float32)),
+            np.array(b.logprobs.astype(mx.float32)),
+            atol=1e-4,
+        )
 
 
 def test_turns_equal_fresh_runs_when_the_template_rewrites_the_reply(tiny):

@@ -4,9 +4,11 @@ line plus exit status 2 for every kind of bad input."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 
@@ -94,6 +96,12 @@ BAD_INPUTS = {
     "non-numeric top-k": (["-p", "x", "--top-k", "abc"], "--top-k"),
     "zero repetition penalty": (["-p", "x", "--repetition-penalty", "0"], "repetition-penalty"),
     "chat without template": (["--chat", "--no-chat-template"], "--chat"),
+    "negative seed": (["-p", "x", "--seed", "-1"], "--seed must be >= 0"),
+    "seed of 2**64": (["-p", "x", "--seed", str(2**64), "--temp", "1"], "--seed must be below"),
+    "undecodable prompt argument": (["-p", "a\udcffb"], "--prompt is not valid text"),
+    "undecodable stop string": (["-p", "x", "--stop", "\udcff"], "--stop is not valid text"),
+    "infinite repetition penalty": (["-p", "x", "--repetition-penalty", "inf"], "finite"),
+    "missing draft model": (["-p", "x", "--draft-model", "/no/such/dir"], "--draft-model"),
 }
 
 
@@ -169,3 +177,93 @@ def test_library_api_is_importable_from_the_package():
 
     assert gemma_mlx.generate is generate and gemma_mlx.ChatSession is ChatSession
     assert gemma_mlx.load is hub_load and callable(gemma_mlx.stream_generate)
+
+
+def test_undecodable_stdin_is_one_line(model_dir, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9 au lait")))
+    assert run(["--model", str(model_dir), "-p", "-"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err == "gemma-mlx: error: the prompt on stdin is not valid UTF-8 (byte 0xe9 at offset 3)\n"
+    )
+
+
+def _damage_index(directory):
+    (directory / "model.safetensors.index.json").write_text('{"metadata": {}}')
+
+
+def _damage_config(directory):
+    (directory / "config.json").write_text("[]")
+
+
+def _damage_sizes(directory):
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps(config | {"intermediate_size": -96}))
+
+
+def _damage_header(directory):
+    path = directory / "model.safetensors"
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    for name, entry in header.items():
+        if name != "__metadata__":
+            del entry["data_offsets"]
+    encoded = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data[8 + length :])
+
+
+@pytest.mark.parametrize("role", ["--model", "--draft-model"])
+@pytest.mark.parametrize(
+    "damage, message",
+    [(_damage_index, "index.json: no valid 'weight_map'"),
+     (_damage_config, "config.json: expected a JSON object"),
+     (_damage_sizes, "'intermediate_size' = -96"),
+     (_damage_header, "model.safetensors: corrupt safetensors header entry")],
+)  # fmt: skip
+def test_damaged_model_directory_is_one_line(model_dir, tmp_path, capsys, role, damage, message):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(model_dir, damaged)
+    damage(damaged)
+    target = ["--model", str(model_dir)] if role == "--draft-model" else []
+    assert exit_status([*target, role, str(damaged), "-p", PROMPT, "-m", "2"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err and str(damaged) in err, err
+
+
+def test_unexpected_error_is_one_line_with_a_hint(model_dir, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("something\nunforeseen")
+
+    monkeypatch.setattr("gemma_mlx.cli.load", broken)
+    assert run(["--model", str(model_dir), "-p", PROMPT]) == 1
+    assert capsys.readouterr().err == (
+        "gemma-mlx: internal error: RuntimeError: something unforeseen "
+        "(rerun with --verbose for the traceback)\n"
+    )
+    assert run(["--model", str(model_dir), "-p", PROMPT, "--verbose"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback") and "in broken" in err
+    assert err.splitlines()[-1] == "gemma-mlx: internal error: RuntimeError: something unforeseen"
+
+
+def test_chat_save_failure_keeps_the_conversation(model_dir, tiny, tmp_path, capsys, monkeypatch):
+    """/save into a missing directory is an error line; the conversation goes on, and a later
+    /save of it resumes exactly."""
+    saved = tmp_path / "chat.safetensors"
+    lines = ["hello there", f"/save {tmp_path / 'missing' / 'chat.safetensors'}", "/save",
+             f"/save {saved}", "and then?", "/quit"]  # fmt: skip
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
+    assert run(["--model", str(model_dir), "--chat", "-m", "6"]) == 0
+    out, err = capsys.readouterr()
+    session = ChatSession(*tiny, max_tokens=6)
+    first = session.send("hello there")
+    restored = ChatSession.load(saved, *tiny, max_tokens=6)
+    want = first + "\n" + session.send("and then?") + "\n"
+    assert out.replace(">> ", "") == want
+    assert restored.send("and then?") == session.messages[-1]["content"]
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert errors == [
+        f"gemma-mlx: error: {tmp_path / 'missing'}: no such directory (create it first)",
+        "gemma-mlx: error: /save needs a file name: /save PATH",
+    ]

@@ -3,6 +3,7 @@ the cache, Hugging Face repo ids from huggingface_hub's cache or a clear offline
 
 from __future__ import annotations
 
+import errno
 import os
 
 import pytest
@@ -80,3 +81,20 @@ def test_directory_and_unknown_paths(tmp_path):
     assert resolve_model(tmp_path) == tmp_path
     with pytest.raises(ModelNotFoundError, match="no such model"):
         resolve_model(tmp_path / "nothing")
+
+
+def test_full_disk_during_first_use_caching_is_one_line(tmp_path, cache, monkeypatch, capsys):
+    """ENOSPC names no file: the command line names the step instead, on one line, exit 2."""
+    from gemma_mlx.cli import run
+
+    def convert_gguf(src, out, progress=True):
+        (out / "model.safetensors").write_bytes(b"x" * 100)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("gemma_mlx.convert.convert_gguf", convert_gguf, raising=False)
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"v1")
+    assert run(["--model", str(gguf), "-p", "hello"]) == 2
+    assert capsys.readouterr().err == (
+        f"gemma-mlx: error: preparing the model {gguf}: No space left on device\n"
+    )

@@ -94,3 +94,24 @@ def test_q6_k_is_requantized_with_its_error_reported():
     assert converted.value.bits == 8 and not record.exact
     assert record.max_abs_error == pytest.approx(error.max())
     assert record.mean_abs_error == pytest.approx(error.mean(), rel=1e-6)
+
+
+def test_q6_k_weight_keeps_its_blocks_exactly():
+    """By default a 2-D Q6_K tensor is written as its bytes, measured exact against gguf-py; an
+    expert stack (3-D, no layer runs blocks) and `requant_bits` requantize."""
+    from gemma_mlx.convert.tensors import GGUFBlocks, gguf_output_nbytes
+
+    rng = np.random.default_rng(2)
+    raw = rng.integers(0, 256, size=(4, 420), dtype=np.uint8)
+    for block in raw.reshape(-1, 210):
+        block[208:210] = np.float16(rng.uniform(-0.01, 0.01)).reshape(1).view(np.uint8)
+    converted, record = gguf_tensor("w", T.Q6_K, raw, 512)
+    assert isinstance(converted.value, GGUFBlocks)
+    np.testing.assert_array_equal(converted.value.data, raw)
+    assert record.exact and record.bits_per_weight == 6.5625 and record.target == "GGUF Q6_K blocks"
+    assert converted.arrays("w.weight") == {"w.weight": converted.value.data}
+    stacked, record = gguf_tensor("e", T.Q6_K, raw.reshape(2, 2, 420), 512)
+    assert stacked.value.bits == 8 and not record.exact
+    assert gguf_output_nbytes(T.Q6_K, 2048, raw.nbytes) == raw.nbytes
+    assert gguf_output_nbytes(T.Q6_K, 2048, raw.nbytes, requant_bits=4) == 2048 // 2 + 2048 // 8
+    assert gguf_output_nbytes(T.Q6_K, 2048, raw.nbytes, dequantize_all=True) == 2048 * 4

@@ -13,6 +13,7 @@ from gemma_mlx.convert import convert
 from gemma_mlx.convert.mlx_format import dequantize, quantize_q4_0
 from hf_reference import VARIANTS, VOCAB, reference_logits, save_reference
 from safetensors.torch import load_file, save_file
+from tiny_chat_model import write_tokenizer
 
 from gemma_mlx.loading import load_model
 
@@ -84,6 +85,7 @@ def load_into(torch_model: torch.nn.Module, weights: dict[str, torch.Tensor]) ->
 @pytest.mark.parametrize("variant, symmetric", [("e2b", True), ("31b", False)])
 def test_compressed_tensors_is_exact(tmp_path, variant, symmetric):
     torch_model = save_reference(VARIANTS[variant](), tmp_path / "ct")
+    write_tokenizer(tmp_path / "ct")  # the converter refuses a source without one
     expected_weights = write_compressed_tensors(tmp_path / "ct", 32, symmetric)
     load_into(torch_model, expected_weights)
 
@@ -114,6 +116,7 @@ def test_compressed_tensors_is_exact(tmp_path, variant, symmetric):
 def test_qat_checkpoint_keeps_its_grid_where_mlx_lm_does_not(tmp_path):
     """Weights on the Q4_0 grid (what QAT trains) convert with zero error; mlx-lm re-rounds them."""
     torch_model = save_reference(VARIANTS["gemma3"](), tmp_path / "qat")
+    write_tokenizer(tmp_path / "qat")
     path = tmp_path / "qat" / "model.safetensors"
     state = load_file(path)
     for name, weight in state.items():
@@ -157,6 +160,7 @@ def test_qat_checkpoint_keeps_its_grid_where_mlx_lm_does_not(tmp_path):
 
 def test_unquantized_affine_recipe_by_flag(tmp_path):
     save_reference(VARIANTS["gemma3"](), tmp_path / "plain")
+    write_tokenizer(tmp_path / "plain")
     report = convert(tmp_path / "plain", tmp_path / "out", recipe="affine", progress=False)
     quantized = [r for r in report.records if "min/max affine" in r.target]
     assert quantized and all(0 < r.max_abs_error < 0.05 for r in quantized)

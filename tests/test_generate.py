@@ -19,19 +19,24 @@ PROMPT = (
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return load(write_model(tmp_path_factory.mktemp("tiny") / "model"))
+def tiny(tmp_path_factory, dtype):
+    model, tokenizer = load(write_model(tmp_path_factory.mktemp("tiny") / "model"), dtype=dtype)
+    assert model.model.embed_tokens.weight.dtype == getattr(mx, dtype)  # the lane's dtype holds
+    return model, tokenizer
 
 
 def reference_loop(model, tokenizer, prompt_ids, n, sampler=None):
-    """Tokens and log-probs by recomputing the whole sequence every step; stops after an eos."""
-    sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
+    """Tokens and log-probs by recomputing the whole sequence every step; stops after an eos.
+    Greedy is the argmax of the logits; log-probabilities are computed from the model's logits in
+    float64 (in bfloat16 `logits - logsumexp` would merge nearby logits)."""
     seq, logprobs = list(prompt_ids), []
     for _ in range(n):
         logits = model(mx.array([seq]))[:, -1, :]
-        lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        seq.append(int(sampler(lp)[0]))
-        logprobs.append(np.array(lp[0]))
+        z = np.array(logits[0].astype(mx.float32), dtype=np.float64)
+        lp = z - (z.max() + np.log(np.exp(z - z.max()).sum()))
+        token = mx.argmax(logits, axis=-1) if sampler is None else sampler(mx.array(lp[None]))
+        seq.append(int(token[0]))
+        logprobs.append(lp)
         if seq[-1] in tokenizer.eos_token_ids:
             break
     return seq[len(prompt_ids) :], logprobs
@@ -48,7 +53,7 @@ def test_greedy_equals_reference_loop(tiny, prefill_step_size):
     )
     assert [r.token for r in responses] == want
     for r, lp in zip(responses, want_logprobs, strict=True):
-        np.testing.assert_allclose(np.array(r.logprobs), lp, atol=1e-4)
+        np.testing.assert_allclose(np.array(r.logprobs.astype(mx.float32)), lp, atol=1e-4)
     assert [r.generation_tokens for r in responses] == list(range(1, len(want) + 1))
     assert all(r.prompt_tokens == len(ids) for r in responses)
     last = responses[-1]

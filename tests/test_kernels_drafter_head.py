@@ -84,11 +84,12 @@ def head_case(rng: np.random.Generator, i: int):
 
 
 def test_threadgroup_sizes():
-    # E2B/E4B: 2048 centroids, 32 x 128 candidates; toy heads: one SIMD-group per 4 candidates.
-    assert drafter_head.threads_for(2048, 4096) == 1024
+    # E2B/E4B: 2048 centroids, 32 x 128 candidates, 128 per threadgroup; toy heads: one
+    # SIMD-group per 4 candidates; never more than 256 threads.
+    assert drafter_head.threads_for(2048, 4096) == 256
     assert drafter_head.threads_for(16, 4) == 32
     assert drafter_head.threads_for(40, 21) == 192
-    assert drafter_head.threads_for(65536, 4) == 1024  # 64 centroids per thread at most
+    assert drafter_head.threads_for(16384, 4) == 256  # 64 centroids per thread at most
 
 
 def test_kernel_matches_reference(kernels):
@@ -104,7 +105,7 @@ def test_kernel_matches_reference(kernels):
         np.testing.assert_array_equal(got, want, err_msg=where)
         ties["centroids"] += int(tied_at_boundary(np.array(scores), top_k))
         ties["logits"] += int(brute_force(*args)[1])
-    assert kernels.launches - launches == CASES
+    assert kernels.launches - launches == 2 * CASES  # the slices, then the pick
     assert ties["centroids"] > 10 and ties["logits"] > 10
 
 
@@ -177,7 +178,7 @@ def test_reference_is_the_assistants_head(bits):
     z = mx.random.normal((20, 1, assistant.args.text.hidden_size), key=mx.random.key(3))
     ids, logits = assistant.head(z)
     for n in range(z.shape[0]):
-        token, _ = pick(logits[n, 0], ids[n, 0], 0.0, target.args.vocab_size)
+        token, _ = pick(logits[n, 0], ids[n, 0], None, target.args.vocab_size)
         assert assistant.greedy_token(z[n : n + 1]).item() == token.item()
 
 
@@ -202,6 +203,30 @@ def test_drafting_on_the_kernel(emulator):
 
     launched = on_kernels(emulator, run)
     assert launched["drafter_head"] > 3
+
+
+@pytest.mark.parametrize("poison", ["nan", "inf"])
+def test_rows_without_a_number_give_a_candidate(kernels, poison):
+    """z of NaN (every logit NaN) or of inf against negative rows (every logit -inf): NaN ranks as
+    -inf, so all candidates tie and the lowest candidate id wins, in kernel and reference; one
+    NaN row among finite ones never wins."""
+    rng = np.random.default_rng(6)
+    C, cluster, D, top_k = 40, 7, 64, 8
+    ordering = rng.permutation(C * cluster).astype(np.int32)
+    scores = rng.standard_normal((2, C)).astype(np.float32)
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :top_k]
+    candidates = ordering.reshape(C, -1)[top].reshape(2, -1)
+    weight = -rng.uniform(0.5, 1.0, (C * cluster, D)).astype(np.float32)
+    z = rng.standard_normal((2, D)).astype(np.float32)
+    z[0] = np.nan if poison == "nan" else np.inf
+    best = candidates[1][np.argmax(weight[candidates[1]] @ z[1])]
+    weight[best] = np.nan  # row 1: its best candidate's logit becomes NaN
+    args = (mx.array(scores), mx.array(z), mx.array(ordering), HeadTable(mx.array(weight)), top_k)
+    got = np.array(drafter_head.greedy_token(*args))
+    np.testing.assert_array_equal(got, np.array(drafter_head.greedy_token_reference(*args)))
+    assert got[0] == candidates[0].min()
+    finite = [t for t in candidates[1] if t != best]
+    assert got[1] == max(finite, key=lambda t: (weight[t] @ z[1], -t))
 
 
 def test_unsupported_layouts_use_the_reference(kernels):

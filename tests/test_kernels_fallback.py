@@ -13,7 +13,7 @@ import pytest
 from speculative_helpers import noisy_copy, random_target
 
 from gemma_mlx.drafters import ModelDrafter
-from gemma_mlx.kernels import moe
+from gemma_mlx.kernels import moe, verify
 from gemma_mlx.kernels.backend import ENV, KernelFallbackWarning, kernel_mode, use_kernel_factory
 from gemma_mlx.speculative import speculative_tokens
 
@@ -94,24 +94,32 @@ def test_no_metal_runs_the_reference():
     assert mx.array_equal(ids, moe.route_reference(*args)[1]).item()
 
 
-def on_kernels(emulator, run: Callable[[], list[int]]) -> Counter[str]:
-    """Run `run` on the reference path, then on the emulated kernels as on a Mac (self-checked,
-    no fallback allowed); assert both give the same tokens; the kernel launches, by name."""
+def as_on_a_mac(emulator, call: Callable):
+    """`call()` on the emulated kernels in `auto` mode (self-checked first) with a fallback an
+    error; returns its evaluated result and the kernel launches, by name."""
     launched: Counter[str] = Counter()
 
     def counting(**kwargs):
         kernel = emulator.metal_kernel(**kwargs)
 
-        def launch(**call):
+        def launch(**call_args):
             launched[kwargs["name"]] += 1
-            return kernel(**call)
+            return kernel(**call_args)
 
         return launch
 
-    want = run()
     with use_kernel_factory(counting, mode="auto"), warnings.catch_warnings():
         warnings.simplefilter("error", KernelFallbackWarning)
-        got = run()
+        result = call()
+        mx.eval(result)
+    return result, launched
+
+
+def on_kernels(emulator, run: Callable[[], list[int]]) -> Counter[str]:
+    """Run `run` on the reference path, then on the emulated kernels as on a Mac; assert both
+    give the same tokens; the kernel launches, by name."""
+    want = run()
+    got, launched = as_on_a_mac(emulator, run)
     assert got == want
     return launched
 
@@ -139,5 +147,64 @@ def test_speculative_loop_on_kernels(emulator, temperature):
         return [s.token for s in steps]
 
     launched = on_kernels(emulator, run)
-    verify = "verify_greedy" if temperature == 0 else "verify_sampling"
-    assert set(launched) == {"moe_route", "moe_dispatch", verify}
+    verify_kernel = "verify_greedy" if temperature == 0 else "verify_sampling"
+    verify_kernels = {verify_kernel + "_chunks", verify_kernel}
+    # the drafter's single-token steps run the fused layer kernels
+    layer_kernels = {"projection", "projection_geglu", "residual_norm", "head_norm_rope"}
+    layer_kernels |= {"attention_chunks", "attention_combine"}
+    assert set(launched) == {"moe_route", "moe_dispatch"} | verify_kernels | layer_kernels
+
+
+# Mistakes planted in the sampling verify's source, each of which its self-check must catch.
+PLANTED = {
+    # sample from p instead of the residual max(p - q, 0) after a rejection
+    "p, not the residual": (
+        "const bool plain = !(residual_total > 0.0f);",
+        "const bool plain = true;",
+    ),
+    # accept a draft while u * p < q instead of u * q < p
+    "acceptance swapped": ("float(uniforms[n]) * q < p", "float(uniforms[n]) * p < q"),
+    # the chunk's running sums start from 0 instead of the sum before the chunk
+    "threshold not shifted": ("threshold - shared_start[0]", "threshold"),
+    # launch 1 sums p where the residual is meant: launch 2 picks the wrong chunk
+    "chunk sums of p": (
+        "residual += residual_weight(p, q);",
+        "residual += residual_weight(p, 0.0f);",
+    ),
+}
+
+
+def planted(emulator, mistake: str, planted_in: list[str]):
+    """The emulator, with `mistake` planted in the kernels whose source has the line to change
+    (their names go to `planted_in`)."""
+    old, new = PLANTED[mistake]
+
+    def factory(**kwargs):
+        if old in kwargs["header"] + kwargs["source"]:
+            planted_in.append(kwargs["name"])
+            kwargs["header"] = kwargs["header"].replace(old, new)
+            kwargs["source"] = kwargs["source"].replace(old, new)
+        return emulator.metal_kernel(**kwargs)
+
+    return factory
+
+
+@pytest.mark.parametrize("mistake", PLANTED)
+@pytest.mark.parametrize("sampled", [True, False], ids=["sampled", "one-hot"])
+def test_sampling_self_check_catches_planted_mistakes(emulator, mistake, sampled):
+    """The self-check tests correctness, not summation order: a correct kernel passes it (see
+    test_kernels_verify.py), each of these wrong ones fails it and the reference runs."""
+    K, V = 3, 40_000
+    target = mx.softmax(mx.random.normal((K + 1, V), key=mx.random.key(1)), axis=-1)
+    draft = mx.softmax(mx.random.normal((K, V), key=mx.random.key(2)), axis=-1) if sampled else None
+    args = (target, draft, mx.array([1, 2, 3], mx.int32), mx.array([0.5, 0.5, 0.5, 0.5]))
+    planted_in: list[str] = []
+    with (
+        use_kernel_factory(planted(emulator, mistake, planted_in), mode="auto"),
+        pytest.warns(KernelFallbackWarning, match="verify.sampling") as caught,
+    ):
+        n, token = verify.verify_sampling(*args)
+    assert planted_in and len(caught) == 1
+    assert "failed to build or run" not in str(caught[0].message)  # the check caught it
+    want = verify.verify_sampling_reference(*args)
+    assert (n.item(), token.item()) == (want[0].item(), want[1].item())

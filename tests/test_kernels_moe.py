@@ -4,6 +4,7 @@ emulator with the launches of `gemma_mlx.kernels.moe`, against the composed-MLX 
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
@@ -99,20 +100,30 @@ def test_route_rejects_bad_top_k():
         moe.route(mx.zeros((2, 8)), mx.ones((8,)), 9)
 
 
-def moe_args() -> gemma4.ModelArgs:
+def moe_args(**overrides) -> gemma4.ModelArgs:
     from hf_reference import VARIANTS
 
-    return gemma4.ModelArgs.from_dict(VARIANTS["26b-a4b"]().to_dict())
+    return gemma4.ModelArgs.from_dict(VARIANTS["26b-a4b"]().to_dict() | overrides)
 
 
-def test_moe_block_runs_the_kernels(emulator):
+def test_dispatch_pays_where_mlx_switches_to_its_sorted_kernel():
+    """MLX's Metal gather_qmm sorts-and-batches only from 16 pairs and 4 pairs per expert."""
+    assert moe.dispatch_pays(512, 128) and not moe.dispatch_pays(511, 128)  # 26B-A4B: 64 tokens
+    assert not moe.dispatch_pays(9 * 8, 128)  # a verify window of 8 drafts
+    assert moe.dispatch_pays(16, 4) and not moe.dispatch_pays(15, 1)
+
+
+@pytest.mark.parametrize("tokens, launches", [(5, 2), (12, 4)])
+def test_moe_block_runs_the_kernels(emulator, tokens, launches):
     """The model's router and experts call the entry points: with the kernels (self-checked, as
-    on a Mac) they launch once per call each and give the reference path's output."""
+    on a Mac) they launch once per call each and give the reference path's output. 5 tokens of
+    16 experts' top 8 multiply their 40 pairs where they stand; 12 tokens' 96 are grouped."""
     args = moe_args()
+    assert moe.dispatch_pays(tokens * args.top_k_experts, args.num_experts) == (tokens == 12)
     mx.random.seed(0)
     router, experts = gemma4.Router(args), gemma4.Experts(args)
     mx.eval(router.parameters(), experts.parameters())
-    h = mx.random.normal((1, 5, args.hidden_size))
+    h = mx.random.normal((1, tokens, args.hidden_size))
 
     def block():
         weights, ids = router(h)
@@ -124,5 +135,39 @@ def test_moe_block_runs_the_kernels(emulator):
         got = block()
         mx.eval(got)
         # auto: one self-check launch per kernel, then the call's own launch
-        assert emulator.launches - before == 4
+        assert emulator.launches - before == launches
     np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16], ids=str)
+def test_experts_grouped_or_not_give_identical_outputs(dtype):
+    """Grouping the pairs by expert changes the order of the products, not their arithmetic:
+    4-bit experts (as converted) in each dtype, bit for bit."""
+    args = moe_args(moe_intermediate_size=64)
+    mx.random.seed(1)
+    router, experts = gemma4.Router(args), gemma4.Experts(args)
+    mx.eval(router.parameters(), experts.parameters())
+    nn.quantize(experts, group_size=32, bits=4)
+    experts.set_dtype(dtype)
+    glu = experts.switch_glu
+    for tokens in (2, 9, 40):
+        x = mx.random.normal((tokens, args.hidden_size)).astype(dtype)
+        ids = router(x)[1]
+        a, b = glu.per_pair(x, ids), glu.grouped(x, ids)
+        assert a.dtype == dtype and mx.array_equal(a, b).item(), tokens
+
+
+@pytest.mark.parametrize("tokens", [5, 12])
+def test_moe_model_matches_transformers_either_way(reference_checkpoints, tokens):
+    """The 26B-A4B-like model on a short prompt, its pairs multiplied where they stand (5 tokens)
+    or grouped (12); `test_model_parity` runs a long prompt."""
+    from hf_reference import VOCAB, reference_logits
+
+    from gemma_mlx.loading import load_model
+
+    directory, torch_model = reference_checkpoints("26b-a4b")
+    prompt = np.random.default_rng(tokens).integers(1, VOCAB, tokens).tolist()
+    ours = np.array(load_model(directory)(mx.array([prompt]))[0])
+    expected = reference_logits(torch_model, prompt)
+    assert np.abs(ours - expected).max() <= 1e-4
+    assert expected.std() > 0.1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 
 import mlx.core as mx
 import pytest
@@ -101,3 +102,134 @@ def test_per_layer_config_serialization_is_accepted(reference_checkpoints, check
     edit_config(checkpoint, per_layer_config=None, global_head_dim=32)
     model = load_model(checkpoint)
     assert all(model.layers[i].self_attn.head_dim == 32 for i in full)
+
+
+# Damaged directories found by a hostile test: each is named, never a KeyError or TypeError.
+
+
+@pytest.fixture(scope="module")
+def tiny_source(tmp_path_factory):
+    from tiny_chat_model import write_model
+
+    return write_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def tiny(tiny_source, tmp_path):
+    target = tmp_path / "tiny"
+    shutil.copytree(tiny_source, target)
+    return target
+
+
+def rewrite_header(path, change):
+    """Apply `change` to the JSON header of the safetensors file `path`, keeping its data."""
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    change(header)
+    encoded = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data[8 + length :])
+
+
+def first_tensor(header):
+    return header[next(k for k in header if k != "__metadata__")]
+
+
+def set_config(**changes):
+    def change(directory):
+        edit_config(directory, **changes)
+
+    return change
+
+
+DAMAGED = {
+    "index not JSON": (
+        lambda d: (d / "model.safetensors.index.json").write_text("{bad"),
+        WeightsError, r"model\.safetensors\.index\.json: not valid JSON",
+    ),
+    "index without weight_map": (
+        lambda d: (d / "model.safetensors.index.json").write_text('{"metadata": {}}'),
+        WeightsError, r"index\.json: no valid 'weight_map'",
+    ),
+    "index weight_map outside the directory": (
+        lambda d: (d / "model.safetensors.index.json").write_text(
+            json.dumps({"weight_map": {"a": "../model.safetensors"}})
+        ),
+        WeightsError, "no valid 'weight_map'",
+    ),
+    "config is a list": (
+        lambda d: (d / "config.json").write_text("[1, 2]"),
+        ConfigError, r"config\.json: expected a JSON object, got list",
+    ),
+    "config not UTF-8": (
+        lambda d: (d / "config.json").write_bytes(b'{"model_type": "\xff"}'),
+        ConfigError, r"config\.json: not valid JSON",
+    ),
+    "negative hidden size": (
+        set_config(hidden_size=-64), ConfigError, r"'hidden_size' = -64 must be in 1\.\.",
+    ),
+    "zero attention heads": (
+        set_config(num_attention_heads=0), ConfigError, "'num_attention_heads' = 0",
+    ),
+    "vocabulary beyond 32-bit indices": (
+        set_config(vocab_size=2**40), ConfigError, "'vocab_size' = 1099511627776",
+    ),
+    "negative query scale": (
+        set_config(query_pre_attn_scalar=-16), ConfigError, "'query_pre_attn_scalar' = -16",
+    ),
+    "unknown dtype": (
+        set_config(torch_dtype="float8"), ConfigError, "'torch_dtype' = 'float8' is not one of",
+    ),
+    "rope_scaling not an object": (
+        set_config(rope_scaling="linear"), ConfigError, r"config\.json: does not describe a model",
+    ),
+    "header entry without data_offsets": (
+        lambda d: rewrite_header(d / "model.safetensors", lambda h: first_tensor(h).pop("data_offsets")),
+        WeightsError, r"model\.safetensors: corrupt safetensors header entry for tensor",
+    ),
+    "header entry not an object": (
+        lambda d: rewrite_header(
+            d / "model.safetensors", lambda h: h.update(dict.fromkeys(h, 5))
+        ),
+        WeightsError, "corrupt safetensors header entry",
+    ),
+    "header is a list": (
+        lambda d: (d / "model.safetensors").write_bytes(struct.pack("<Q", 2) + b"[]"),
+        WeightsError, r"corrupt safetensors header \(not a JSON object\)",
+    ),
+    "reversed data offsets": (
+        lambda d: rewrite_header(
+            d / "model.safetensors", lambda h: first_tensor(h).update(data_offsets=[8, 0])
+        ),
+        WeightsError, "corrupt safetensors header entry",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(DAMAGED))
+def test_damaged_directory_is_named(tiny, name):
+    damage, error, message = DAMAGED[name]
+    damage(tiny)
+    with pytest.raises(error, match=message):
+        load_model(tiny)
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [("tokenizer_config.json", "[]"), ("generation_config.json", "[1]"),
+     ("chat_template.jinja", b"\xff{{ x }}")],
+)  # fmt: skip
+def test_damaged_tokenizer_files_are_named(tiny, name, content):
+    from gemma_mlx.tokenizer import TokenizerError, load_tokenizer
+
+    path = tiny / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(TokenizerError, match=name.replace(".", r"\.")):
+        load_tokenizer(tiny)
+
+
+def test_bad_dtype_argument_is_an_option_error(tiny):
+    from gemma_mlx.errors import OptionError
+
+    with pytest.raises(OptionError, match="dtype must be one of float32, float16, bfloat16"):
+        load_model(tiny, dtype="float64")

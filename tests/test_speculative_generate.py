@@ -20,10 +20,11 @@ PROMPT = "the quick brown fox jumps over the lazy dog. the quick brown fox jumps
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny model directory with a random MTP assistant beside it (`<dir>-assistant`)."""
+def tiny(tmp_path_factory, dtype):
+    """A tiny model directory with a random MTP assistant beside it (`<dir>-assistant`), the
+    model loaded in `dtype`."""
     directory = write_model(tmp_path_factory.mktemp("tiny") / "model")
-    model, tokenizer = load(directory)
+    model, tokenizer = load(directory, dtype=dtype)
     model.path = directory
     config = gemma4_assistant.config_for_target(model.args, hidden_size=32, num_hidden_layers=2)
     mx.random.seed(3)
@@ -54,6 +55,16 @@ def test_stream_generate_with_drafts_equals_plain(tiny, draft, num_draft):
     assert last.speculation.proposed > 0
 
 
+def test_seeded_sampling_with_drafts_repeats(tiny):
+    """`seed=` fixes drafted sampling too, whatever MLX's global generator holds."""
+    model, tokenizer, _ = tiny
+    options = dict(temp=1.0, seed=3, draft="prompt-lookup", num_draft=3)
+    first, _ = tokens_and_last(model, tokenizer, **options)
+    mx.random.seed(11)  # whatever the global generator holds
+    again, _ = tokens_and_last(model, tokenizer, **options)
+    assert again == first
+
+
 def test_chat_turns_with_drafts_equal_plain(tiny):
     """Early stops mid-round leave the cache a prefix of prompt + reply, as the session needs."""
     model, tokenizer, _ = tiny
@@ -64,10 +75,11 @@ def test_chat_turns_with_drafts_equal_plain(tiny):
     assert replies[0] == replies[1]
 
 
-def test_filters_with_drafts_are_refused(tiny):
+def test_custom_sampler_with_drafts_is_refused(tiny):
+    """Rejection sampling needs the sampler's distribution: only the built-in samplers have one."""
     model, tokenizer, _ = tiny
-    with pytest.raises(OptionError, match="top-k/top-p/min-p"):
-        tokens_and_last(model, tokenizer, temp=0.7, top_p=0.9, draft="prompt-lookup")
+    with pytest.raises(OptionError, match="custom"):
+        tokens_and_last(model, tokenizer, sampler=lambda x: x.argmax(-1), draft="prompt-lookup")
 
 
 def test_cli_prompt_lookup_prints_the_plain_text(tiny, capsys):

@@ -95,3 +95,22 @@ def test_target_drafting_for_itself_is_always_accepted(temperature):
     tokens = [step.token for step in steps]
     assert len(tokens) == 120
     assert stats.acceptance_rate > 0.97
+
+
+def test_seeded_drafting_repeats_whatever_else_draws():
+    """A seed fixes the whole drafted run (draft choices, acceptance uniforms, resamples): the
+    loop draws from the sampler's own stream, not from the global generator others also use."""
+    target = random_target("31b")
+    prompt = np.random.default_rng(6).integers(1, target.args.vocab_size, 12).tolist()
+
+    def run(seed: int, global_seed: int) -> list[int]:
+        mx.random.seed(global_seed)
+        steps = speculative_tokens(
+            target, prompt, target.make_cache(), ModelDrafter(target), num_draft=3,
+            temperature=1.0, top_k=20, seed=seed, max_tokens=30,
+        )  # fmt: skip
+        return [step.token for step in steps]
+
+    first = run(seed=11, global_seed=1)
+    assert run(seed=11, global_seed=2) == first
+    assert run(seed=12, global_seed=1) != first

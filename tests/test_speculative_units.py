@@ -51,7 +51,7 @@ def test_prompt_lookup_matches_brute_force():
     rng = np.random.default_rng(1)
     drafter = PromptLookupDrafter()
     tokens = rng.integers(0, 6, 30).tolist()
-    context = DraftContext(None, [], tokens, None, 0.0)
+    context = DraftContext(None, [], tokens, None, None)
     drafter.prefill(context)
     for _ in range(200):
         k = int(rng.integers(1, 7))

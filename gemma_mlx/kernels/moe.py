@@ -1,9 +1,10 @@
 """MoE routing and dispatch: one kernel each on Metal (`metal/route.metal`, `metal/dispatch.metal`).
 
 `route` turns router logits into the top-k experts and their weights; `dispatch` groups the
-(token, expert) pairs by expert so that `gather_qmm(..., sorted_indices=True)` reads each selected
-expert's weights once per step. Elsewhere both are the composed-MLX references below, which are
-also the kernels' test oracle.
+(token, expert) pairs by expert so that `gather_qmm(..., sorted_indices=True)` can read each
+selected expert's weights once per step. Grouping pays only where MLX then switches kernels
+(`dispatch_pays`). Elsewhere both are the composed-MLX references below, which are also the
+kernels' test oracle.
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ SIMD_WIDTH = 32
 # route.metal keeps PER_LANE logits per lane and marks the taken ones in a 64-bit mask.
 MAX_ROUTE_EXPERTS = SIMD_WIDTH * 64
 DISPATCH_THREADS = 256
+# MLX's Metal `gather_qmm` runs its sorted kernel (`gather_qmm_rhs`, a run of rows per expert
+# against weights read once) only for single-row products with B >= 16 pairs and B / E >= 4
+# (mlx/backend/metal/quantized.cpp, GatherQMM::eval_gpu); below that it multiplies pair by pair
+# (`gather_qmv`), sorted or not, and the CPU backend never uses the order.
+SORTED_KERNEL_MIN_PAIRS = 16
+SORTED_KERNEL_MIN_PAIRS_PER_EXPERT = 4
 
 ROUTE = KernelSpec("moe_route", ("logits", "scale"), ("weights", "ids"), "route.metal")
 DISPATCH = KernelSpec(
@@ -150,6 +157,17 @@ _dispatch = KernelOp(
     instance=lambda ids, num_experts: (ids.dtype, num_experts),
     check_args=_dispatch_check_args,
 )
+
+
+def dispatch_pays(pairs: int, num_experts: int) -> bool:
+    """Whether grouping `pairs` (token, expert) pairs by expert changes the kernel MLX's
+    `gather_qmm` runs: 512 pairs (64 tokens) for 26B-A4B's 128 experts and top 8, so a decoded
+    token or a verify window multiplies its pairs unsorted (mlx-lm sorts from 64 pairs, where MLX
+    still runs the unsorted kernel for 128 experts)."""
+    return (
+        pairs >= SORTED_KERNEL_MIN_PAIRS
+        and pairs // num_experts >= SORTED_KERNEL_MIN_PAIRS_PER_EXPERT
+    )
 
 
 def dispatch(ids: mx.array, num_experts: int) -> Dispatch:

@@ -37,6 +37,9 @@ class KernelSpec:
     output_names: tuple[str, ...]
     body: str
     headers: tuple[str, ...] = ("select.h",)
+    # False: inputs reach the kernel as they are (a slice of a cache, say), indexed through
+    # `<name>_strides`; True: MLX copies a non-contiguous input first.
+    row_contiguous: bool = True
 
     @property
     def source(self) -> str:
@@ -76,6 +79,7 @@ class Kernels:
                 output_names=list(spec.output_names),
                 source=spec.source,
                 header=spec.header,
+                ensure_row_contiguous=spec.row_contiguous,
             )
             self._built[spec] = kernel
         return kernel(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from gemma_mlx.models import gemma3, gemma4, gemma4_assistant
+from gemma_mlx.models import gemma3, gemma4, gemma4_assistant, gemma4_multimodal
 from gemma_mlx.models.base import ConfigError
 
 ARCHITECTURES: dict[str, ModuleType] = {
@@ -20,8 +20,14 @@ ARCHITECTURES: dict[str, ModuleType] = {
 }
 
 
-def get_model_classes(config: dict[str, Any]) -> tuple[type, type]:
-    """(Model, ModelArgs) for a config.json; unknown or missing `model_type` is a ConfigError."""
+def get_model_classes(config: dict[str, Any], media: bool = False) -> tuple[type, type]:
+    """(Model, ModelArgs) for a config.json; unknown or missing `model_type` is a ConfigError.
+
+    `media`: a Gemma 4 checkpoint with a vision or audio part gets its towers too
+    (`gemma4_multimodal`); without it, and for other checkpoints, the text model.
+    """
+    if media and gemma4_multimodal.has_towers(config):
+        return gemma4_multimodal.Model, gemma4_multimodal.MultimodalArgs
     model_type = config.get("model_type")
     if model_type is None:
         raise ConfigError("config.json: required key 'model_type' is missing")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from gemma_mlx.errors import ConfigError
+from gemma_mlx.kernels.activations import geglu, softcap  # noqa: F401  (the models' names)
 
 _MISSING = object()
 
@@ -121,19 +121,3 @@ class RMSNorm(nn.Module):
             return mx.fast.rms_norm(x, None, self.eps)
         w = self.weight + self.offset if self.offset else self.weight
         return mx.fast.rms_norm(x, w, self.eps)
-
-
-# Element-wise chains compiled into one kernel each: at batch 1 a decoded token is launch-bound
-# on small models, and these run once per layer (GeGLU) or once per token over the vocabulary.
-@partial(mx.compile, shapeless=True)
-def geglu(gate: mx.array, up: mx.array) -> mx.array:
-    return nn.gelu_approx(gate) * up
-
-
-@partial(mx.compile, shapeless=True)
-def _tanh_cap(x: mx.array, cap: float) -> mx.array:
-    return mx.tanh(x / cap) * cap
-
-
-def softcap(x: mx.array, cap: float | None) -> mx.array:
-    return x if cap is None else _tanh_cap(x, cap)

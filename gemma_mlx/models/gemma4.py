@@ -1,6 +1,6 @@
 """Gemma 4 text decoder (E2B, E4B, 12B "unified", 26B-A4B MoE, 31B), text-only.
 
-Forward pass as in transformers' `Gemma4TextModel` (see ../shared/reference/gemma4-architecture.md):
+Forward pass as in transformers' `Gemma4TextModel` (see docs/architecture.md):
 attention scale 1.0 with q/k RMSNorm (weighted) and v RMSNorm (weightless); 256-dim sliding layers
 and 512-dim full layers with "proportional" RoPE; `attention_k_eq_v` full layers (v = raw k);
 per-layer embeddings (PLE) and KV sharing on E2B/E4B; double-wide MLP in shared layers (E2B);
@@ -13,15 +13,20 @@ Gemma 3 is the same decoder with (1 + w) norms, a query scale, no v norm and no 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.switch_layers import SwitchLinear
 
 from gemma_mlx.cache import KVCache, RotatingKVCache, attention_mask, window_start
-from gemma_mlx.kernels.moe import dispatch, route
+from gemma_mlx.kernels.attention import decode_attention
+from gemma_mlx.kernels.heads import attention_heads
+from gemma_mlx.kernels.moe import dispatch, dispatch_pays, route
+from gemma_mlx.kernels.operands import Matrix, Norm, Rotary
+from gemma_mlx.kernels.projection import project, project_geglu
+from gemma_mlx.kernels.residual import residual
 from gemma_mlx.models.base import (
     ConfigError,
     RMSNorm,
@@ -32,6 +37,8 @@ from gemma_mlx.models.base import (
     read_layer_types,
     softcap,
 )
+from gemma_mlx.models.switch import SwitchLinear
+from gemma_mlx.ragged import RaggedBatch, Segment
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -259,9 +266,11 @@ class Attention(nn.Module):
                 self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=False)
             self.k_norm = RMSNorm(self.head_dim, eps, args.norm_offset)
             self.v_norm = RMSNorm(self.head_dim, eps, weight=False) if args.use_v_norm else None
-        layer_type = args.layer_types[layer]
+        self.layer_type = args.layer_types[layer]
         self.rope: RoPE = make_rope(
-            args.rope_parameters[layer_type], self.head_dim, f"rope_parameters[{layer_type!r}]"
+            args.rope_parameters[self.layer_type],
+            self.head_dim,
+            f"rope_parameters[{self.layer_type!r}]",
         )
 
     def __call__(
@@ -271,23 +280,83 @@ class Attention(nn.Module):
         mask: str | mx.array | None,
         cache: KVCache | RotatingKVCache | None = None,
         shared_kv: tuple[mx.array, mx.array] | None = None,
+        input_norm: RMSNorm | None = None,
     ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
+        """Attention of `x`, RMS-normed by `input_norm` first when given. Each step is a fused
+        operation of `gemma_mlx.kernels` (one kernel per step for a decoded token on Metal, the
+        composed MLX ops otherwise)."""
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim))
-        q = self.rope(q.transpose(0, 2, 1, 3), position)
+        norm = None if input_norm is None else Norm.of(input_norm)
         if shared_kv is not None:
+            (q,) = project(x, [Matrix.of(self.q_proj)], norm)
+            q = self._heads(q, None, None, position)[0]
             k, v = shared_kv
         else:
-            k = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
-            v = k if self.k_eq_v else self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
-            k = self.rope(self.k_norm(k).transpose(0, 2, 1, 3), position)
-            if self.v_norm is not None:
-                v = self.v_norm(v)
-            v = v.transpose(0, 2, 1, 3)
+            layers = [self.q_proj, self.k_proj] + ([] if self.k_eq_v else [self.v_proj])
+            q, k, *v = project(x, [Matrix.of(layer) for layer in layers], norm)
+            q, k, v = self._heads(q, k, v[0] if v else None, position)
             if cache is not None:
                 k, v = cache.update_and_fetch(k, v)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = decode_attention(q, k, v, self.scale, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1)), (k, v)
+
+    def _heads(
+        self, q: mx.array, k: mx.array | None, v: mx.array | None, position: int
+    ) -> tuple[mx.array, mx.array | None, mx.array | None]:
+        """Projections [B, T, heads * head_dim] -> heads [B, heads, T, head_dim]: queries and
+        keys normed and rotated, values normed (taken from the keys when v is None)."""
+        k_norm = None if k is None else Norm.of(self.k_norm)
+        v_norm = None if k is None or self.v_norm is None else Norm.of(self.v_norm)
+        rotary = Rotary.of(self.rope)
+        return attention_heads(q, k, v, Norm.of(self.q_norm), k_norm, v_norm, rotary, position)
+
+    def batched(
+        self,
+        x: mx.array,
+        batch: RaggedBatch,
+        layer: int,
+        shared: list[tuple[mx.array, mx.array]] | None,
+    ) -> tuple[mx.array, list[tuple[mx.array, mx.array]]]:
+        """Attention of a ragged batch (`gemma_mlx.ragged`): projections and RoPE over every row
+        at once (each row at its own position), then each sequence's rows against its own cache
+        (`layer` of its caches) or its entry of `shared`, the call it makes alone."""
+        # Rows as a batch of one-position sequences, [N, heads, 1, head_dim], so that one RoPE
+        # call puts each row at its own position; a sequence's rows are a view of it.
+        q = self.rope(self._queries(x)[0][:, :, None], batch.positions)
+        if shared is None:
+            k, v = self._keys_values(x)
+            k = self.rope(k[0][:, :, None], batch.positions)
+            v = v[0][:, :, None]
+        outs, kvs = [], []
+        for i, (first, last) in enumerate(batch.rows):
+            if shared is not None:
+                ki, vi = shared[i]
+            else:
+                ki = k[first:last].transpose(2, 1, 0, 3)
+                vi = v[first:last].transpose(2, 1, 0, 3)
+                ki, vi = batch.segments[i].cache[layer].update_and_fetch(ki, vi)
+            kvs.append((ki, vi))
+            if first == last:  # no kept rows (a KV-shared layer after a prefill chunk)
+                continue
+            qi = q[first:last].transpose(2, 1, 0, 3)
+            mask = batch.masks[self.layer_type][i]
+            out = mx.fast.scaled_dot_product_attention(qi, ki, vi, scale=self.scale, mask=mask)
+            outs.append(out.transpose(0, 2, 1, 3).reshape(1, last - first, -1))
+        return self.o_proj(mx.concatenate(outs, axis=1)), kvs
+
+    def _queries(self, x: mx.array) -> mx.array:
+        """Normed queries [B, T, heads, head_dim], before RoPE."""
+        B, T, _ = x.shape
+        return self.q_norm(self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim))
+
+    def _keys_values(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """Normed keys and values [B, T, kv heads, head_dim], before RoPE."""
+        B, T, _ = x.shape
+        k = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
+        v = k if self.k_eq_v else self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
+        if self.v_norm is not None:
+            v = self.v_norm(v)
+        return self.k_norm(k), v
 
 
 class MLP(nn.Module):
@@ -298,7 +367,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x)))
+        gate, up = Matrix.of(self.gate_proj), Matrix.of(self.up_proj)
+        return self.down_proj(project_geglu(x, gate, up))
 
 
 class Router(nn.Module):
@@ -314,8 +384,9 @@ class Router(nn.Module):
         self.per_expert_scale = mx.ones((args.num_experts,))
 
     def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        logits = self.proj(mx.fast.rms_norm(x, self.scale * self.root_size, self.eps))
-        return route(logits.astype(mx.float32), self.per_expert_scale, self.top_k)
+        norm = Norm(self.scale, self.eps, scale=self.root_size)
+        (logits,) = project(x, [Matrix.of(self.proj)], norm, out_dtype=mx.float32)
+        return route(logits, self.per_expert_scale, self.top_k)
 
 
 class SwitchGLU(nn.Module):
@@ -323,28 +394,38 @@ class SwitchGLU(nn.Module):
 
     def __init__(self, dim: int, hidden: int, num_experts: int):
         super().__init__()
-        self.gate_proj = SwitchLinear(dim, hidden, num_experts, bias=False)
-        self.up_proj = SwitchLinear(dim, hidden, num_experts, bias=False)
-        self.down_proj = SwitchLinear(hidden, dim, num_experts, bias=False)
+        self.gate_proj = SwitchLinear(dim, hidden, num_experts)
+        self.up_proj = SwitchLinear(dim, hidden, num_experts)
+        self.down_proj = SwitchLinear(hidden, dim, num_experts)
 
     def __call__(self, x: mx.array, ids: mx.array, weights: mx.array) -> mx.array:
         """sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) for x [N, H], ids/weights [N, k]."""
         N, k = ids.shape
-        if N == 1:  # one token's k experts are distinct: each is read once without grouping
-            rows = mx.expand_dims(x, (-2, -3))  # [1, 1, 1, H] against ids [1, k]
-            h = geglu(self.gate_proj(rows, ids), self.up_proj(rows, ids))
-            y = self.down_proj(h, ids).squeeze(-2)  # [1, k, H]
+        if dispatch_pays(N * k, self.gate_proj.num_experts):
+            y = self.grouped(x, ids)
         else:
-            pairs = dispatch(ids, self.gate_proj.num_experts)
-            rows = mx.expand_dims(x[pairs.sorted_tokens], -2)  # [N*k, 1, H], grouped by expert
-            sorted_ids = pairs.sorted_ids
-            h = geglu(
-                self.gate_proj(rows, sorted_ids, sorted_indices=True),
-                self.up_proj(rows, sorted_ids, sorted_indices=True),
-            )
-            y = self.down_proj(h, sorted_ids, sorted_indices=True).squeeze(-2)
-            y = y[pairs.inverse_order].reshape(N, k, -1)
+            y = self.per_pair(x, ids)
         return (y * mx.expand_dims(weights, -1).astype(y.dtype)).sum(axis=-2)
+
+    def per_pair(self, x: mx.array, ids: mx.array) -> mx.array:
+        """Expert outputs [N, k, H], each (token, expert) pair multiplied where it stands."""
+        rows = mx.expand_dims(x, (-2, -3))  # [N, 1, 1, H] against ids [N, k]
+        h = geglu(self.gate_proj(rows, ids), self.up_proj(rows, ids))
+        return self.down_proj(h, ids).squeeze(-2)
+
+    def grouped(self, x: mx.array, ids: mx.array) -> mx.array:
+        """Expert outputs [N, k, H], the pairs multiplied grouped by expert (MLX's sorted kernel
+        reads each expert once for its run of rows), then put back in order."""
+        N, k = ids.shape
+        pairs = dispatch(ids, self.gate_proj.num_experts)
+        rows = mx.expand_dims(x[pairs.sorted_tokens], -2)  # [N*k, 1, H], grouped by expert
+        sorted_ids = pairs.sorted_ids
+        h = geglu(
+            self.gate_proj(rows, sorted_ids, sorted_indices=True),
+            self.up_proj(rows, sorted_ids, sorted_indices=True),
+        )
+        y = self.down_proj(h, sorted_ids, sorted_indices=True).squeeze(-2)
+        return y[pairs.inverse_order].reshape(N, k, -1)
 
 
 class Experts(nn.Module):
@@ -392,20 +473,43 @@ class DecoderLayer(nn.Module):
         shared_kv: tuple[mx.array, mx.array] | None,
         per_layer_input: mx.array | None,
     ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
-        a, kv = self.self_attn(self.input_layernorm(x), position, mask, cache, shared_kv)
-        h = x + self.post_attention_layernorm(a)
-        f = self.mlp(self.pre_feedforward_layernorm(h))
+        a, kv = self.self_attn(x, position, mask, cache, shared_kv, self.input_layernorm)
+        return self.feed_forward(x, a, per_layer_input), kv
+
+    def batched(
+        self,
+        x: mx.array,
+        batch: RaggedBatch,
+        layer: int,
+        shared: list[tuple[mx.array, mx.array]] | None,
+        per_layer_input: mx.array | None,
+    ) -> tuple[mx.array, list[tuple[mx.array, mx.array]]]:
+        """The layer over a ragged batch (`Attention.batched`); everything after attention is
+        per row, so it runs on all rows at once."""
+        a, kvs = self.self_attn.batched(self.input_layernorm(x), batch, layer, shared)
+        return self.feed_forward(x, a, per_layer_input), kvs
+
+    def feed_forward(self, x: mx.array, a: mx.array, per_layer_input: mx.array | None) -> mx.array:
+        """Everything after attention output `a`: residuals, MLP (and MoE), PLE, layer scalar;
+        each residual step (sum, scalar, the next norms) one fused `residual`."""
+        inputs = [self.pre_feedforward_layernorm]
+        if self.moe:
+            inputs.append(self.pre_feedforward_layernorm_2)
+        post = Norm.of(self.post_attention_layernorm)
+        h, normed = residual(x, a, post, None, [Norm.of(n) for n in inputs])
+        f = self.mlp(normed[0])
         if self.moe:
             weights, ids = self.router(h)
-            e = self.experts(self.pre_feedforward_layernorm_2(h), ids, weights)
+            e = self.experts(normed[1], ids, weights)
             f = self.post_feedforward_layernorm_1(f) + self.post_feedforward_layernorm_2(e)
-        out = h + self.post_feedforward_layernorm(f)
-        if self.ple_dim:
-            g = geglu(self.per_layer_input_gate(out), per_layer_input)
-            out = out + self.post_per_layer_input_norm(self.per_layer_projection(g))
-        if "layer_scalar" in self:
-            out = out * self.layer_scalar
-        return out, kv
+        scalar = self.get("layer_scalar")
+        post = Norm.of(self.post_feedforward_layernorm)
+        if not self.ple_dim:
+            return residual(h, f, post, scalar)[0]
+        out = residual(h, f, post)[0]
+        g = project_geglu(out, Matrix.of(self.per_layer_input_gate), per_layer_input)
+        post = Norm.of(self.post_per_layer_input_norm)
+        return residual(out, self.per_layer_projection(g), post, scalar)[0]
 
 
 def _scaled(value: float, dtype: str | None, like: mx.array) -> mx.array:
@@ -443,18 +547,33 @@ class TextModel(nn.Module):
         return (proj + tok.astype(proj.dtype)) * (2.0**-0.5)
 
     def __call__(
-        self, inputs: mx.array, cache: list | None = None, keep: int | None = None
+        self,
+        inputs: mx.array,
+        cache: list | None = None,
+        keep: int | None = None,
+        embeddings: mx.array | None = None,
+        attention_masks: Callable[[str, int, int, int], str | mx.array | None] | None = None,
     ) -> mx.array:
-        """Final-normed hidden states of the last `keep` positions (all when None)."""
+        """Final-normed hidden states of the last `keep` positions (all when None).
+
+        A multimodal prompt (`gemma4_multimodal`) passes `embeddings` [B, T, H] in place of the
+        token embeddings (`inputs` still feed the per-layer inputs) and
+        `attention_masks(layer_type, query_start, query_end, key_start)` in place of causal masks.
+        """
         args = self.args
         T = inputs.shape[1]
-        h = self.embed(inputs)
+        h = self.embed(inputs) if embeddings is None else embeddings
         ple = self.per_layer_inputs(inputs, h) if args.hidden_size_per_layer_input else None
         start = cache[0].offset if cache else 0
         key_starts = {t: window_start(start, self._window(t)) for t in (SLIDING, FULL)}
         query_start = start
 
         def masks() -> dict[str, str | mx.array | None]:
+            if attention_masks is not None:
+                return {
+                    t: attention_masks(t, query_start, start + T, key_starts[t])
+                    for t in (SLIDING, FULL)
+                }
             return {
                 t: attention_mask(query_start, start + T, key_starts[t], self._window(t))
                 for t in (SLIDING, FULL)
@@ -488,6 +607,47 @@ class TextModel(nn.Module):
             h = h[:, h.shape[1] - keep :]
         return self.norm(h)
 
+    def batched(self, inputs: mx.array, segments: list[Segment]) -> mx.array:
+        """Final-normed hidden states [1, kept rows, H] of a ragged batch: `inputs` [N] holds
+        every segment's new tokens in segment order; each segment's last `keep` rows come out,
+        in the same order (see `gemma_mlx.ragged`)."""
+        args = self.args
+        batch = RaggedBatch.of(segments, {t: self._window(t) for t in (SLIDING, FULL)})
+        if inputs.shape != (batch.n_rows,):
+            raise ValueError(f"inputs {inputs.shape} are not the segments' {batch.n_rows} tokens")
+        h = self.embed(inputs[None])
+        ple = self.per_layer_inputs(inputs[None], h) if args.hidden_size_per_layer_input else None
+        cropped = all(s.keep == s.length for s in segments)
+        shared: dict[str, list[tuple[mx.array, mx.array]]] = {}
+        first_shared = args.first_kv_shared_layer
+        for i, layer in enumerate(self.layers):
+            if i == first_shared and not cropped:
+                # Shared layers write no cache: only the kept rows need them.
+                h, ple, batch, cropped = *self._kept(h, ple, batch), True
+                if batch.n_rows == 0:
+                    return h
+            layer_type = args.layer_types[i]
+            owns_kv = i < first_shared
+            h, kvs = layer.batched(
+                h,
+                batch,
+                i,
+                None if owns_kv else shared[layer_type],
+                ple[:, :, i] if ple is not None else None,
+            )
+            if owns_kv:  # the last owner of each type is what the shared layers read
+                shared[layer_type] = kvs
+        if not cropped:
+            h = self._kept(h, None, batch)[0]
+        return self.norm(h)
+
+    @staticmethod
+    def _kept(
+        h: mx.array, ple: mx.array | None, batch: RaggedBatch
+    ) -> tuple[mx.array, mx.array | None, RaggedBatch]:
+        rows = batch.kept_rows()
+        return h[:, rows], None if ple is None else ple[:, rows], batch.kept()
+
     def _window(self, layer_type: str) -> int | None:
         return self.args.sliding_window if layer_type == SLIDING else None
 
@@ -518,6 +678,17 @@ class Model(nn.Module):
         h = self.model(inputs, cache, logits_to_keep)
         logits = self.head(h)
         return (logits, h) if return_hidden else logits
+
+    def batched(
+        self, inputs: mx.array, segments: list[Segment], return_hidden: bool = False
+    ) -> mx.array | tuple[mx.array, mx.array]:
+        """Logits [kept rows, vocab] of several sequences in one pass (`gemma_mlx.ragged`):
+        `inputs` [N] holds each segment's new tokens in segment order, each written into that
+        segment's caches; rows come out for each segment's last `keep` tokens, in order.
+        `return_hidden` adds their final-normed hidden states [kept rows, H]."""
+        h = self.model.batched(inputs, segments)
+        logits = self.head(h)[0] if h.shape[1] else mx.zeros((0, self.args.vocab_size), h.dtype)
+        return (logits, h[0]) if return_hidden else logits
 
     def head(self, h: mx.array) -> mx.array:
         if self.args.tie_word_embeddings:

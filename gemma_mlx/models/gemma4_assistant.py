@@ -170,7 +170,7 @@ class Model(nn.Module):
 
     def greedy_token(self, z: mx.array) -> mx.array:
         """The head's greedy token [...] int32: a centroid-masked head goes through
-        `gemma_mlx.kernels.drafter_head` (one kernel on Metal, no vocabulary-wide row)."""
+        `gemma_mlx.kernels.drafter_head` (two kernels on Metal, no vocabulary-wide row)."""
         if not self.args.use_ordered_embeddings:
             return mx.argmax(self.head(z)[1], axis=-1).astype(mx.int32)
         head = self.masked_embedding

@@ -8,13 +8,34 @@ is called like MLX's (`inputs=`, `template=`, `grid=`, `threadgroup=`, `output_s
    signature with MLX's parameter names, types and address spaces, the body;
 2. rewrites `threadgroup` declarations into storage shared by the fibers of a threadgroup, and
    adds `#line` markers so errors name the `.metal`/`.h` file and line;
-3. compiles it once per distinct source with g++ against `prelude.h` (the Metal builtins we
-   implement; anything else is a compile error) and links the fiber runtime (`runtime.cpp`);
+3. checks the source's address spaces with clang as C++ for OpenCL (`strict.py`: g++ below
+   erases them), then compiles it once per distinct source with g++ against `prelude.h` (the
+   Metal builtins we implement; anything else is a compile error) and links the fiber runtime
+   (`runtime.cpp`);
 4. runs it over the same grid and threadgroup as MLX (threadgroup clamped to the grid), threads
    as fibers that meet at every barrier and SIMD-group function, in a seeded shuffled order;
 5. returns the outputs as `mx.array`s. Outputs start as 0xFF bytes (MLX leaves them
    uninitialised) unless `init_value` is given; guard bytes around every buffer catch writes
    out of bounds.
+
+A kernel made with `ensure_row_contiguous=False` gets each input of two or more dimensions as
+a view into a larger buffer (every axis but the first longer, the rest NaN), as MLX passes a
+slice of a cache, so it must index them through `<name>_strides`.
+
+Where a Mac may compute differently, two switches make the emulator adversarial:
+
+- `order="random"`: every SIMD-group sum and prefix sum (`simd_sum`, `simd_prefix_*_sum`) adds
+  the lanes in a random order (a random permutation under a random binary tree, drawn per call
+  from the launch's seed; `simd_sum` gives all lanes one result) instead of a fixed pairwise
+  tree. Metal leaves the order unspecified.
+- `fma=True`: the kernel is compiled with `-ffp-contract=fast` (and `-mfma` on x86-64 CPUs that
+  have FMA), so `a * b + c` may be one fused multiply-add, as the Metal compiler may make it.
+
+`Emulator(build_dir, order="random", fma=True)` sets both; from a test, `emulator.variant(
+order="random", fma=True)` gives the shared emulator of the same build directory with those
+switches; `GEMMA_MLX_EMULATOR=random,fma` makes them the default of `shared_emulator` (the
+conftest's `emulator` fixture). Comparisons under them must tolerate the rounding the math
+allows (and every seed gives another order: `seed=`).
 """
 
 from __future__ import annotations
@@ -23,19 +44,28 @@ import ctypes
 import functools
 import hashlib
 import itertools
+import os
+import platform
 import re
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
+from . import strict
 from .signature import Signature, TemplateArg, signature, type_string
 
 HERE = Path(__file__).parent
 CXX = "g++"
 CXXFLAGS = ["-std=c++20", "-O1", "-fPIC", "-Wall", "-Wno-attributes", "-Wno-unused"]
+# GCC contracts a * b + c only with -fexpensive-optimizations (part of -O2) and a target with FMA.
+FMA_FLAGS = ["-fexpensive-optimizations", "-ffp-contract=fast"]
+ORDERS = ("fixed", "random")
+OPTIONS_ENV = "GEMMA_MLX_EMULATOR"
+# Files whose change must rebuild (and re-check) every kernel.
+TOOLCHAIN = ("prelude.h", "metal_scalars.h", "runtime.h", "metal_opencl.h", "strict.py")
 GUARD = 256  # bytes before and after every buffer
 GUARD_BYTE = 0xFF  # NaN for floats, all ones for integers: out-of-bounds reads show
 
@@ -83,6 +113,18 @@ def rewrite_threadgroup(text: str) -> str:
     return re.sub(r"\bthreadgroup\b", "", text)
 
 
+def threadgroup_references(text: str) -> str:
+    """Threadgroup declarations -> references to threadgroup memory, for the strictness check
+    (OpenCL declares __local variables only in kernel functions, and MLX's kernel is a template
+    function); other uses of the keyword keep it."""
+
+    def declare(m: re.Match) -> str:
+        type_, name, dims = m.group(1).strip(), m.group(2), m.group(3).strip()
+        return f"auto& {name} = emu_threadgroup<{type_}{dims}>();"
+
+    return THREADGROUP_DECLARATION.sub(declare, text)
+
+
 def lint(text: str, where: str) -> None:
     for rule, why in LINT_RULES:
         m = rule.search(text)
@@ -91,11 +133,12 @@ def lint(text: str, where: str) -> None:
             raise EmulatorError(f"{where}:{line}: `{m.group(0).strip()}` {why}")
 
 
-def split_header(header: str) -> list[tuple[str, str]]:
-    """[(file name, text)] from a header made of `// file: NAME` sections (see
-    gemma_mlx.kernels.spec); a header without markers is one section."""
-    parts = re.split(r"^// file: (\S+)\n", header, flags=re.MULTILINE)
-    sections = [("<header>", parts[0])] if parts[0].strip() else []
+def split_sections(text: str, unnamed: str) -> list[tuple[str, str]]:
+    """[(file name, text)] from a header or body made of `// file: NAME` sections (see
+    gemma_mlx.kernels.spec), each text starting at the file's line 1; text before the first
+    marker (all of it, without markers) is named `unnamed`."""
+    parts = re.split(r"^// file: (\S+)\n", text, flags=re.MULTILINE)
+    sections = [(unnamed, parts[0])] if parts[0].strip() else []
     sections += [(parts[i], parts[i + 1]) for i in range(1, len(parts), 2)]
     return sections
 
@@ -168,26 +211,78 @@ extern "C" void emu_kernel_entry(void** b, const emu_ids* ids) {{
 def translation_unit(sig: Signature, header: str, body: str, body_file: str) -> str:
     """The C++ file: prelude, header sections and body under their own names, launcher."""
     parts = ['#include "prelude.h"\n']
-    for name, text in split_header(header):
+    for name, text in split_sections(header, "<header>"):
         lint(text, name)
         parts.append(f'#line 1 "{name}"\n{rewrite_threadgroup(text)}\n')
-    lint(body, body_file)
-    declaration = sig.declaration("", f'#line 1 "{body_file}"\n{rewrite_threadgroup(body)}')
-    parts.append(f'#line 1 "<signature generated by mx.fast.metal_kernel>"\n{declaration}')
+    body_parts = []
+    for name, text in split_sections(body, body_file):
+        lint(text, name)
+        body_parts.append(f'#line 1 "{name}"\n{rewrite_threadgroup(text)}')
+    declaration = sig.declaration("", "".join(body_parts))
+    parts.append(f'#line 1 "{strict.SIGNATURE_FILE}"\n{declaration}')
     parts.append(f'#line 1 "<emulator launcher>"\n{launcher(sig)}')
     return "".join(parts)
 
 
-class Emulator:
-    """Compiles and runs kernels; built objects live under `build_dir` (one per source)."""
+def check_address_spaces(sig: Signature, header: str, body: str, body_file: str) -> None:
+    """`strict.py`'s check of the source MLX would generate, as an EmulatorError."""
+    unit, sections = strict.unit_text(
+        sig,
+        split_sections(header, "<header>"),
+        split_sections(body, body_file),
+        threadgroup_references,
+    )
+    try:
+        strict.check(unit, sections)
+    except strict.StrictnessError as e:
+        raise EmulatorError(f"{sig.kernel_name}: {e}") from None
 
-    def __init__(self, build_dir: Path, seed: int = 0):
+
+def fma_flags() -> list[str]:
+    """FMA_FLAGS, with -mfma where the CPU has FMA (x86-64; arm64 always has it)."""
+    if platform.machine() in ("x86_64", "AMD64"):
+        cpuinfo = Path("/proc/cpuinfo")
+        if cpuinfo.exists() and re.search(r"^flags\b.*\bfma\b", cpuinfo.read_text(), re.M):
+            return [*FMA_FLAGS, "-mfma"]
+    return list(FMA_FLAGS)
+
+
+def options_from_environment() -> dict:
+    """`order` and `fma` from GEMMA_MLX_EMULATOR (comma-separated: `random`, `fma`)."""
+    words = {w.strip() for w in os.environ.get(OPTIONS_ENV, "").split(",") if w.strip()}
+    unknown = words - {"random", "fma"}
+    if unknown:
+        raise EmulatorError(f"{OPTIONS_ENV}: unknown option(s) {sorted(unknown)}; use random, fma")
+    return {"order": "random" if "random" in words else "fixed", "fma": "fma" in words}
+
+
+@functools.cache
+def shared(build_dir: Path, order: str, fma: bool) -> Emulator:
+    """One emulator per build directory and options for the whole test session."""
+    return Emulator(build_dir, order=order, fma=fma)
+
+
+class Emulator:
+    """Compiles and runs kernels; built objects live under `build_dir` (one per source and
+    flags). `order` and `fma`: see the module's docstring."""
+
+    def __init__(self, build_dir: Path, seed: int = 0, order: str = "fixed", fma: bool = False):
+        if order not in ORDERS:
+            raise ValueError(f"order={order!r}: expected one of {', '.join(ORDERS)}")
         self.build_dir = Path(build_dir)
         self.build_dir.mkdir(parents=True, exist_ok=True)
         self.seeds = itertools.count(seed)
+        self.order = order
+        self.fma = fma
+        self.flags = CXXFLAGS + (fma_flags() if fma else [])
         self.launches = 0
         self._libraries: dict[str, ctypes.CDLL] = {}
+        self._toolchain = b"".join((HERE / f).read_bytes() for f in TOOLCHAIN)
         self._runtime = self._build_runtime()
+
+    def variant(self, order: str = "fixed", fma: bool = False) -> Emulator:
+        """The shared emulator of this build directory with other switches."""
+        return shared(self.build_dir, order, fma)
 
     def metal_kernel(
         self,
@@ -203,8 +298,6 @@ class Emulator:
         """`mx.fast.metal_kernel`'s signature; `body_file` names the body in error messages."""
         if not output_names:
             raise ValueError("[metal_kernel] Must specify at least one output.")
-        if not ensure_row_contiguous:
-            raise EmulatorError("the emulator passes row-contiguous inputs only")
 
         def kernel(
             *,
@@ -233,12 +326,23 @@ class Emulator:
                 template,
                 atomic_outputs,
             )
-            if verbose:
-                print(sig.declaration(header, source) + sig.host_instantiation())
-            unit = translation_unit(sig, header, source, body_file or f"<{name} body>")
-            library = self._library(unit)
+            if verbose:  # as MLX prints it
+                print(
+                    f"Generated source code for `{name}`:\n```\n{sig.source(header, source)}\n```"
+                )
+            where = body_file or f"<{name} body>"
+            unit = translation_unit(sig, header, source, where)
+            library = self._library(unit, lambda: check_address_spaces(sig, header, source, where))
             return self._launch(
-                library, sig, inputs, output_shapes, output_dtypes, grid, threadgroup, init_value
+                library,
+                sig,
+                inputs,
+                output_shapes,
+                output_dtypes,
+                grid,
+                threadgroup,
+                init_value,
+                ensure_row_contiguous,
             )
 
         return kernel
@@ -253,6 +357,7 @@ class Emulator:
             self._compile(
                 [str(HERE / "runtime.cpp"), "-O2", "-shared", "-o", str(path)],
                 "the emulator runtime",
+                CXXFLAGS,
             )
         runtime = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
         runtime.emu_run.restype = ctypes.c_int
@@ -262,20 +367,24 @@ class Emulator:
             ctypes.POINTER(ctypes.c_uint),
             ctypes.POINTER(ctypes.c_uint),
             ctypes.c_ulonglong,
+            ctypes.c_int,
             ctypes.c_char_p,
             ctypes.c_ulong,
         ]
         self._runtime_path = path
         return runtime
 
-    def _library(self, unit: str) -> ctypes.CDLL:
+    def _library(self, unit: str, check: Callable[[], None]) -> ctypes.CDLL:
+        """The built kernel; `check` runs before each compilation (a build is kept only when it
+        passed)."""
         if unit in self._libraries:
             return self._libraries[unit]
-        prelude = (HERE / "prelude.h").read_bytes() + (HERE / "runtime.h").read_bytes()
-        key = hashlib.sha256(prelude + unit.encode() + " ".join(CXXFLAGS).encode()).hexdigest()
+        flags = " ".join(self.flags).encode()
+        key = hashlib.sha256(self._toolchain + unit.encode() + flags).hexdigest()
         source = self.build_dir / f"kernel_{key[:16]}.cpp"
         path = self.build_dir / f"kernel_{key[:16]}.so"
         if not path.exists():
+            check()
             source.write_text(unit)
             self._compile(
                 [
@@ -287,13 +396,14 @@ class Emulator:
                     f"-Wl,-rpath,{self.build_dir}",
                 ],
                 f"kernel source {source}",
+                self.flags,
             )
         library = ctypes.CDLL(str(path))
         self._libraries[unit] = library
         return library
 
-    def _compile(self, args: list[str], what: str) -> None:
-        command = [CXX, *CXXFLAGS, f"-I{HERE}", *args]
+    def _compile(self, args: list[str], what: str, flags: list[str]) -> None:
+        command = [CXX, *flags, f"-I{HERE}", *args]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             raise EmulatorError(f"g++ failed on {what}:\n{done.stderr}")
@@ -301,18 +411,35 @@ class Emulator:
     # ---- running -----------------------------------------------------------------------------
 
     def _launch(
-        self, library, sig, inputs, output_shapes, output_dtypes, grid, threadgroup, init_value
+        self,
+        library,
+        sig,
+        inputs,
+        output_shapes,
+        output_dtypes,
+        grid,
+        threadgroup,
+        init_value,
+        row_contiguous=True,
     ) -> list[mx.array]:
+        seed = next(self.seeds)
+        rng = np.random.default_rng(seed)
         buffers: list[tuple[str, GuardedBuffer]] = []
         for info, x in zip(sig.inputs, inputs, strict=True):
-            buffers.append((info.name, GuardedBuffer.of(host_array(x))))
+            data = host_array(x)
+            if row_contiguous or data.ndim < 2:
+                buffer, strides = GuardedBuffer.of(data), row_strides(x.shape)
+            else:  # as a view into a larger buffer (a slice of a cache) reaches the kernel
+                buffer, strides = GuardedBuffer.padded(data, rng)
+            buffers.append((info.name, buffer))
             if info.uses_shape and info.ndim > 0:
                 buffers.append(
                     (f"{info.name}_shape", GuardedBuffer.of(np.array(x.shape, np.int32)))
                 )
             if info.uses_strides and info.ndim > 0:
-                strides = np.array(row_strides(x.shape), np.int64)
-                buffers.append((f"{info.name}_strides", GuardedBuffer.of(strides)))
+                buffers.append(
+                    (f"{info.name}_strides", GuardedBuffer.of(np.array(strides, np.int64)))
+                )
             if info.uses_ndim and info.ndim > 0:
                 buffers.append((f"{info.name}_ndim", GuardedBuffer.of(np.array(x.ndim, np.int32))))
         outputs = []
@@ -329,7 +456,8 @@ class Emulator:
             pointers,
             (ctypes.c_uint * 3)(*grid),
             (ctypes.c_uint * 3)(*group),
-            next(self.seeds),
+            seed,
+            int(self.order == "random"),
             error,
             len(error),
         )
@@ -403,6 +531,16 @@ class GuardedBuffer:
         buffer = cls.empty(data.shape, data.dtype, None)
         buffer.array[...] = data
         return buffer
+
+    @classmethod
+    def padded(cls, data: np.ndarray, rng: np.random.Generator) -> tuple[GuardedBuffer, list[int]]:
+        """`data` as the leading corner of a larger array (every axis but the first 1-3 longer),
+        the layout a slice of a bigger buffer has, with that array's strides; the padding holds
+        GUARD_BYTE, so a kernel that ignores the strides reads NaN."""
+        outer = data.shape[:1] + tuple(n + int(rng.integers(1, 4)) for n in data.shape[1:])
+        buffer = cls.empty(outer, data.dtype, None)
+        buffer.array[tuple(slice(0, n) for n in data.shape)] = data
+        return buffer, row_strides(outer)
 
     @property
     def pointer(self) -> int:

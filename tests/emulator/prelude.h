@@ -13,19 +13,7 @@
 
 // ---- scalar types -------------------------------------------------------------------------------
 
-typedef unsigned int uint;
-typedef unsigned short ushort;
-typedef unsigned char uchar;
-typedef unsigned long ulong;
-typedef __INT8_TYPE__ int8_t;
-typedef __INT16_TYPE__ int16_t;
-typedef __INT32_TYPE__ int32_t;
-typedef __INT64_TYPE__ int64_t;
-typedef __UINT8_TYPE__ uint8_t;
-typedef __UINT16_TYPE__ uint16_t;
-typedef __UINT32_TYPE__ uint32_t;
-typedef __UINT64_TYPE__ uint64_t;
-typedef __SIZE_TYPE__ size_t;
+#include "metal_scalars.h"
 
 typedef _Float16 half;
 typedef half float16_t;
@@ -52,11 +40,11 @@ inline T as_type(U x) {
   return __builtin_bit_cast(T, x);
 }
 
+// Metal's float constants (its math header has them; MLX's generated kernels use both). The C
+// limits macros (FLT_MAX, INT_MAX, UINT_MAX, ...) are not known to be Metal names: use
+// metal::numeric_limits.
 #define INFINITY (__builtin_inff())
 #define NAN (__builtin_nanf(""))
-#define FLT_MAX (3.40282347e+38f)
-#define INT_MAX (2147483647)
-#define UINT_MAX (4294967295u)
 
 // ---- vectors (only what the attributes need) ----------------------------------------------------
 
@@ -88,6 +76,7 @@ struct numeric_limits<int> {
 };
 
 inline float exp(float x) { return __builtin_expf(x); }
+inline float exp2(float x) { return __builtin_exp2f(x); }
 inline float log(float x) { return __builtin_logf(x); }
 inline float sqrt(float x) { return __builtin_sqrtf(x); }
 inline float tanh(float x) { return __builtin_tanhf(x); }
@@ -98,7 +87,14 @@ inline bool isnan(float x) { return __builtin_isnan(x); }
 inline bool isinf(float x) { return __builtin_isinf(x); }
 namespace precise {
 inline float exp(float x) { return __builtin_expf(x); }
+inline float rsqrt(float x) { return 1.0f / __builtin_sqrtf(x); }
+inline float tanh(float x) { return __builtin_tanhf(x); }
 }  // namespace precise
+// Metal's fast variants are less accurate for large arguments; these are the precise values.
+namespace fast {
+inline float cos(float x) { return __builtin_cosf(x); }
+inline float sin(float x) { return __builtin_sinf(x); }
+}  // namespace fast
 
 // One overload per type, as Metal has: mixing int and uint is ambiguous here as it is there.
 #define EMU_MIN_MAX(T)                              \
@@ -137,17 +133,19 @@ inline void simdgroup_barrier(mem_flags, const char* file = __builtin_FILE(),
 
 namespace emu {
 
-// All lanes' values of one SIMD-group function call, and the calling lane.
+// All lanes' values of one SIMD-group function call, the calling lane, and the seed of the order
+// in which this call adds lanes (0: a fixed order; see emu_run's random_order).
 template <typename T>
 struct Lanes {
   static_assert(sizeof(T) <= 8, "SIMD-group value wider than 64 bits");
   unsigned long long bits[32];
   unsigned count;
   unsigned me;
+  unsigned long long order;
   Lanes(T v, const char* op, const char* file, int line) {
     unsigned long long b = 0;
     __builtin_memcpy(&b, &v, sizeof(T));
-    me = emu_simd_exchange(b, bits, &count, op, file, line);
+    me = emu_simd_exchange(b, bits, &count, &order, op, file, line);
   }
   T operator[](unsigned lane) const {
     T v;
@@ -161,12 +159,42 @@ struct Lanes {
   }
 };
 
-// Pairwise sums in a fixed tree: the hardware's order is unspecified; kernels must not rely on it.
+// splitmix64: the next pseudo-random number of `state`.
+inline unsigned long long next_random(unsigned long long& state) {
+  unsigned long long z = (state += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// The sum of lanes[0 .. n): with state 0 a balanced pairwise tree in lane order; otherwise a
+// random binary tree (state advances). The hardware's order is unspecified: kernels must not
+// rely on one, and with random orders a kernel that does gives different results across seeds.
 template <typename T>
-T tree_sum(const Lanes<T>& all, unsigned begin, unsigned end) {
-  if (end - begin == 1) return all[begin];
-  const unsigned mid = begin + (end - begin + 1) / 2;
-  return tree_sum(all, begin, mid) + tree_sum(all, mid, end);
+T tree_sum(const Lanes<T>& all, const unsigned* lanes, unsigned n, unsigned long long& state) {
+  if (n == 1) return all[lanes[0]];
+  const unsigned split = state ? 1 + next_random(state) % (n - 1) : (n + 1) / 2;
+  const T left = tree_sum(all, lanes, split, state);
+  return left + tree_sum(all, lanes + split, n - split, state);
+}
+
+// The sum of lanes [0, end) in this call's order (a random permutation under a random tree when
+// the order is random, drawn from the call's seed and `salt`); 0 for no lanes.
+template <typename T>
+T ordered_sum(const Lanes<T>& all, unsigned end, unsigned long long salt) {
+  if (end == 0) return T(0);
+  unsigned lanes[32];
+  for (unsigned i = 0; i < end; ++i) lanes[i] = i;
+  unsigned long long state = all.order ? all.order ^ (salt * 0xD1B54A32D192ED03ull) : 0;
+  if (state) {
+    for (unsigned i = end - 1; i > 0; --i) {
+      const unsigned j = next_random(state) % (i + 1);
+      const unsigned t = lanes[i];
+      lanes[i] = lanes[j];
+      lanes[j] = t;
+    }
+  }
+  return tree_sum(all, lanes, end, state);
 }
 
 }  // namespace emu
@@ -176,7 +204,7 @@ T tree_sum(const Lanes<T>& all, unsigned begin, unsigned end) {
 template <typename T>
 T simd_sum(T v, EMU_SITE) {
   emu::Lanes<T> all(v, "simd_sum", file, line);
-  return emu::tree_sum(all, 0, all.count);
+  return emu::ordered_sum(all, all.count, 0);  // one order for all lanes: one result
 }
 
 template <typename T>
@@ -198,17 +226,13 @@ T simd_min(T v, EMU_SITE) {
 template <typename T>
 T simd_prefix_exclusive_sum(T v, EMU_SITE) {
   emu::Lanes<T> all(v, "simd_prefix_exclusive_sum", file, line);
-  T r = T(0);
-  for (unsigned i = 0; i < all.me; ++i) r += all[i];
-  return r;
+  return emu::ordered_sum(all, all.me, all.me + 1);  // each lane its own order
 }
 
 template <typename T>
 T simd_prefix_inclusive_sum(T v, EMU_SITE) {
   emu::Lanes<T> all(v, "simd_prefix_inclusive_sum", file, line);
-  T r = T(0);
-  for (unsigned i = 0; i <= all.me; ++i) r += all[i];
-  return r;
+  return emu::ordered_sum(all, all.me + 1, all.me + 1);
 }
 
 template <typename T>

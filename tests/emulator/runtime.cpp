@@ -141,6 +141,7 @@ struct Fiber {
   unsigned long long payload = 0;
   unsigned long long* all = nullptr;
   unsigned* lanes = nullptr;
+  unsigned long long* order = nullptr;
 };
 
 struct Simdgroup {
@@ -169,6 +170,8 @@ struct Launch {
   unsigned long generation = 0;
   std::map<void*, Memory> memory;
   unsigned long memory_bytes = 0;
+  std::mt19937_64* rng = nullptr;
+  bool random_order = false;
 };
 
 Launch* launch = nullptr;
@@ -276,11 +279,12 @@ void emu_fiber_main(unsigned long index) {
 }
 
 int emu_run(emu_entry entry, void** buffers, const unsigned grid[3], const unsigned threadgroup[3],
-            unsigned long long seed, char* error, unsigned long error_size) {
+            unsigned long long seed, int random_order, char* error, unsigned long error_size) {
   Launch L;
   launch = &L;
   L.entry = entry;
   L.buffers = buffers;
+  L.random_order = random_order != 0;
   auto report = [&](const std::string& message) {
     std::snprintf(error, error_size, "%s", message.c_str());
     launch = nullptr;
@@ -307,6 +311,7 @@ int emu_run(emu_entry entry, void** buffers, const unsigned grid[3], const unsig
   std::vector<unsigned> group_order(groups[0] * groups[1] * groups[2]);
   for (unsigned i = 0; i < group_order.size(); ++i) group_order[i] = i;
   std::mt19937_64 rng(seed);
+  L.rng = &rng;
   std::shuffle(group_order.begin(), group_order.end(), rng);
   for (unsigned g : group_order) {
     const unsigned gp[3] = {g % groups[0], (g / groups[0]) % groups[1], g / (groups[0] * groups[1])};
@@ -353,7 +358,7 @@ void emu_threadgroup_barrier(const char* file, int line) {
 }
 
 unsigned emu_simd_exchange(unsigned long long payload, unsigned long long* all, unsigned* lanes,
-                           const char* op, const char* file, int line) {
+                           unsigned long long* order, const char* op, const char* file, int line) {
   Launch& L = *launch;
   Fiber& f = *L.current;
   Simdgroup& g = L.simdgroups[f.ids.simdgroup_index_in_threadgroup];
@@ -362,6 +367,7 @@ unsigned emu_simd_exchange(unsigned long long payload, unsigned long long* all, 
   f.payload = payload;
   f.all = all;
   f.lanes = lanes;
+  f.order = order;
   if (++g.arrived == g.size) {
     unsigned long long values[kSimdWidth] = {};
     for (unsigned lane = 0; lane < g.size; ++lane) {
@@ -374,10 +380,12 @@ unsigned emu_simd_exchange(unsigned long long payload, unsigned long long* all, 
       }
       values[lane] = other.payload;
     }
+    const unsigned long long seed = L.random_order ? (*L.rng)() | 1u : 0u;
     for (unsigned lane = 0; lane < g.size; ++lane) {
       Fiber& other = L.fibers[g.first + lane];
       if (other.all != nullptr) std::memcpy(other.all, values, sizeof(values));
       if (other.lanes != nullptr) *other.lanes = g.size;
+      if (other.order != nullptr) *other.order = seed;
       other.state = State::runnable;
     }
     g.arrived = 0;
@@ -387,7 +395,7 @@ unsigned emu_simd_exchange(unsigned long long payload, unsigned long long* all, 
 }
 
 void emu_simdgroup_barrier(const char* file, int line) {
-  emu_simd_exchange(0, nullptr, nullptr, "simdgroup_barrier", file, line);
+  emu_simd_exchange(0, nullptr, nullptr, nullptr, "simdgroup_barrier", file, line);
 }
 
 void emu_threadgroup_memory(void* data, unsigned long size, const char* name, const char* file,

@@ -24,18 +24,21 @@ typedef void (*emu_entry)(void** buffers, const emu_ids* ids);
 
 // Runs `entry` over `grid` threads in threadgroups of `threadgroup` threads (both already clamped
 // as MLX does). Threadgroups run one after another, their threads as cooperative fibers in an
-// order shuffled by `seed`. Returns 0, or 1 with a message in `error`.
+// order shuffled by `seed`. With `random_order`, every SIMD-group exchange also draws a seed for
+// the order in which the SIMD-group functions add the lanes (see prelude.h). Returns 0, or 1 with
+// a message in `error`.
 int emu_run(emu_entry entry, void** buffers, const unsigned grid[3], const unsigned threadgroup[3],
-            unsigned long long seed, char* error, unsigned long error_size);
+            unsigned long long seed, int random_order, char* error, unsigned long error_size);
 
 // Synchronisation points: the calling fiber waits until every thread of its threadgroup (barrier)
 // or of its SIMD-group (exchange) has reached the same call site.
 void emu_threadgroup_barrier(const char* file, int line);
 void emu_simdgroup_barrier(const char* file, int line);
 // Publishes `payload`; when all lanes of the SIMD-group have published, `all[lane]` holds every
-// lane's payload and `*lanes` the number of lanes in the SIMD-group. Returns the caller's lane.
+// lane's payload, `*lanes` the number of lanes in the SIMD-group and `*order` the exchange's
+// summation-order seed, the same for all lanes (0: the fixed order). Returns the caller's lane.
 unsigned emu_simd_exchange(unsigned long long payload, unsigned long long* all, unsigned* lanes,
-                           const char* op, const char* file, int line);
+                           unsigned long long* order, const char* op, const char* file, int line);
 
 // Called where a kernel declares threadgroup memory: poisons it (0xFF bytes) once per threadgroup,
 // as Metal leaves it undefined, and checks Metal's 32 KiB limit.

@@ -2,8 +2,8 @@
 
 A port of `write_signature`, `write_template` and the kernel naming in MLX's
 `mlx/backend/common/metal_kernel.cpp`, so the emulator compiles exactly the function that MLX would
-hand to the Metal compiler. (MLX prints that source with `verbose=True`, on Metal only: re-check this
-port on a Mac when MLX changes.)
+hand to the Metal compiler. MLX prints that source with `verbose=True`, also without Metal inside
+`mx.export_function` tracing: tests/test_kernels_source.py compares the two byte for byte.
 """
 
 from __future__ import annotations
@@ -144,6 +144,10 @@ class Signature:
             index += 1
         params += [f"  {t} {a} [[{a}]]" for a, t in self.attributes]
         return text + ",\n".join(params) + ") {\n" + body + "\n}\n"
+
+    def source(self, header: str, body: str) -> str:
+        """The whole source MLX hands to the Metal compiler (and prints with `verbose=True`)."""
+        return self.declaration(header, body) + self.host_instantiation()
 
     def host_instantiation(self) -> str:
         """The explicit instantiation MLX appends for templated kernels (Metal only)."""

@@ -1,0 +1,252 @@
+"""Continuous batching: aggregate decode tokens/s at batch 1-16, gemma_mlx against mlx-lm, same run.
+
+    python -m benchmarks.batch [--models builtin,tiny:e2b,...] [--batches 1,2,4,8,16]
+                               [--tokens 32] [--no-mlx-lm] [--no-speculative] [--out FILE]
+
+For each model and batch size B: B different prompts of the same length, greedy, end of turn
+ignored, `--tokens` tokens per sequence. The aggregate speed counts the tokens of the steps after
+every sequence has its first token, over those steps' time (prompt processing excluded):
+- gemma_mlx: `gemma_mlx.batching.BatchScheduler` (ragged batch, one pass per step).
+- mlx-lm: its `BatchGenerator` (what `mlx_lm.batch_generate` runs) on `mlx_lm.load` of the same
+  directory given our loader's weight treatment (`benchmarks.engines.MlxLm`), its products as
+  sgemm as in mlx-lm's own process.
+The two alternate at each batch size, so a shared machine's load hits both alike. On Linux a
+product of 1 row runs as sgemv, of 2-8 rows through our few-row kernel, of more as sgemm
+(`gemma_mlx/_blas_route.c`): batch 16 crosses into sgemm.
+
+Speculative (the built-in model, batch 4): prompts that repeat a passage (~600 tokens), plain
+batching against prompt lookup with planned draft lengths; the outputs are compared too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import gemma_mlx  # noqa: F401  (preloads OpenBLAS before MLX)
+
+# isort: split
+import mlx.core as mx
+
+from benchmarks.engines import MlxLm, Ours, package_version
+from benchmarks.machine import describe
+from benchmarks.run import BenchmarkError, model_source, parse_lengths
+from gemma_mlx import _platform
+from gemma_mlx.batching.scheduler import BatchScheduler
+from gemma_mlx.outputs import write_file_atomically
+
+RESULTS = Path(__file__).parent / "results"
+DEFAULT_MODELS = ("builtin", "tiny:e2b", "tiny:26b-a4b", "tiny:31b")
+PROMPT_TOKENS = 32
+PASSAGE = (
+    "def mean(values):\n    total = 0\n    for value in values:\n        total += value\n"
+    "    return total / len(values)\n\nThe function above adds every value of the list, one "
+    "after another, and divides the sum by the number of values.\n"
+)
+
+
+@dataclass
+class Run:
+    tokens: int  # generated after every sequence had its first token
+    seconds: float
+    peak_gb: float
+    outputs: list[list[int]]
+    acceptance: float | None = None  # drafts kept / proposed, when drafting
+
+    @property
+    def tps(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def prompts_for(vocab: int, batch: int, length: int) -> list[list[int]]:
+    """`batch` different random prompts of `length` ids (as mlx_lm.benchmark draws them)."""
+    mx.random.seed(batch)
+    return mx.random.randint(0, vocab, (batch, length)).tolist()
+
+
+def timed_steps(
+    step: Callable[[], list[tuple[int, int]]], uids: Sequence[int], done: Callable[[], bool]
+) -> Run:
+    """Run `step` (-> (uid, token) pairs) until `done`; time the steps after all have a token."""
+    mx.reset_peak_memory()
+    outputs: dict[int, list[int]] = {u: [] for u in uids}
+    start, tokens = None, 0
+    while not done():
+        pairs = step()
+        for uid, token in pairs:
+            outputs[uid].append(token)
+        if start is not None:
+            tokens += len(pairs)
+        elif all(outputs.values()):
+            start = time.perf_counter()
+    seconds = time.perf_counter() - start if start is not None else 0.0
+    return Run(tokens, seconds, mx.get_peak_memory() / 1e9, [outputs[u] for u in uids])
+
+
+def run_ours(engine: Ours, prompts: list[list[int]], tokens: int, **options) -> Run:
+    scheduler = BatchScheduler(
+        engine.model, engine.tokenizer, max_batch=len(prompts), kv_budget=2**36, **options
+    )
+    uids = [scheduler.submit(p, tokens) for p in prompts]
+    drafts = [s.draft.stats for s in scheduler.waiting if s.draft is not None]
+
+    def step() -> list[tuple[int, int]]:
+        return [(uid, r.token) for uid, r in scheduler.step()]
+
+    with _platform.few_row_routing_set(engine.few_row_routing):
+        run = timed_steps(step, uids, lambda: not scheduler.has_work)
+    if drafts:
+        run.acceptance = sum(d.accepted for d in drafts) / max(1, sum(d.proposed for d in drafts))
+    return run
+
+
+def run_mlx_lm(engine: MlxLm, prompts: list[list[int]], tokens: int) -> Run:
+    from mlx_lm.generate import BatchGenerator
+
+    batch = len(prompts)
+    generator = BatchGenerator(
+        engine.model, max_tokens=tokens, completion_batch_size=batch, prefill_batch_size=batch,
+        prefill_step_size=engine.prefill_step_size,
+    )  # fmt: skip
+    uids = generator.insert(prompts, [tokens] * batch)
+    finished: set[int] = set()
+
+    def step() -> list[tuple[int, int]]:
+        responses = generator.next_generated()
+        finished.update(r.uid for r in responses if r.finish_reason is not None)
+        return [(r.uid, r.token) for r in responses]
+
+    try:
+        with _platform.few_row_routing_set(engine.few_row_routing):
+            return timed_steps(step, uids, lambda: len(finished) == batch)
+    finally:
+        generator.close()
+
+
+def throughput(
+    source_dir: Path, batches: Sequence[int], tokens: int, with_mlx_lm: bool
+) -> Iterator[tuple[int, Run, Run | None]]:
+    ours = Ours(source_dir, prefill_step_size=512)
+    ours.tokenizer = replace(ours.tokenizer, eos_token_ids=frozenset())  # never stop early
+    peer = MlxLm(source_dir, 512, like=ours) if with_mlx_lm else None
+    vocab = ours.model.args.vocab_size
+    warm = prompts_for(vocab, 1, PROMPT_TOKENS)
+    run_ours(ours, warm, 4)
+    if peer is not None:
+        run_mlx_lm(peer, warm, 4)
+    for batch in batches:
+        prompts = prompts_for(vocab, batch, PROMPT_TOKENS)
+        mine = run_ours(ours, prompts, tokens)
+        theirs = run_mlx_lm(peer, prompts, tokens) if peer is not None else None
+        yield batch, mine, theirs
+
+
+def speculative(source_dir: Path, tokens: int, batch: int = 4) -> tuple[Run, Run]:
+    """(plain, prompt lookup) on prompts repeating a passage, at `batch`."""
+    ours = Ours(source_dir, prefill_step_size=512)
+    ours.tokenizer = replace(ours.tokenizer, eos_token_ids=frozenset())
+    encode = ours.tokenizer.encode
+    prompts = [
+        encode("".join(f"# Example {i}\n{PASSAGE}\n" for i in range(1, 8 + b)) + "# Example")
+        for b in range(batch)
+    ]
+    run_ours(ours, prompts[:1], 4)
+    plain = run_ours(ours, prompts, tokens)
+    drafted = run_ours(ours, prompts, tokens, draft="prompt-lookup", num_draft="auto")
+    return plain, drafted
+
+
+def markdown(
+    machine, table: dict[str, list[tuple[int, Run, Run | None]]], spec, tokens: int
+) -> str:
+    lines = [
+        "# Continuous batching: aggregate decode tokens/s, gemma_mlx against mlx-lm",
+        "",
+        f"Machine: {machine.label} ({machine.chip}, {machine.cpu_cores} cores, MLX "
+        f"{mx.__version__} {machine.backend}, BLAS: {machine.blas}); mlx-lm "
+        f"{package_version('mlx-lm')}. {time.strftime('%Y-%m-%d')}.",
+        f"Command: `python -m benchmarks.batch`. Greedy, {PROMPT_TOKENS}-token prompts, "
+        f"{tokens} tokens per sequence; aggregate = tokens of all sequences per second once "
+        "every sequence decodes (prompt processing excluded). Same weights for both (mlx-lm "
+        "given our loader's treatment: float32 on the CPU).",
+        "",
+        "| model | batch | gemma_mlx tok/s | x batch 1 | mlx-lm tok/s | gemma_mlx / mlx-lm "
+        "| peak GB ours / mlx-lm | same tokens |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for model, rows in table.items():
+        base = rows[0][1].tps
+        for batch, mine, theirs in rows:
+            peer = f"{theirs.tps:.1f}" if theirs else "-"
+            ratio = f"{mine.tps / theirs.tps:.2f}x" if theirs and theirs.tps else "-"
+            peaks = (
+                f"{mine.peak_gb:.2f} / {theirs.peak_gb:.2f}" if theirs else f"{mine.peak_gb:.2f}"
+            )
+            same = ("yes" if mine.outputs == theirs.outputs else "no") if theirs else "-"
+            lines.append(
+                f"| {model} | {batch} | {mine.tps:.1f} | {mine.tps / base:.2f}x | {peer} "
+                f"| {ratio} | {peaks} | {same} |"
+            )
+    if spec is not None:
+        plain, drafted = spec
+        lines += [
+            "",
+            "Speculative decoding in the batch (built-in model, batch 4, prompts repeating a "
+            f"passage, {tokens} tokens each): plain {plain.tps:.1f} tok/s, prompt lookup with "
+            f"planned draft lengths {drafted.tps:.1f} tok/s ({drafted.tps / plain.tps:.2f}x), "
+            f"{drafted.acceptance:.0%} of drafts kept; "
+            f"same tokens: {'yes' if plain.outputs == drafted.outputs else 'no'}.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.batch", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="builtin, tiny:<size>, dirs")
+    p.add_argument("--batches", default="1,2,4,8,16", help="batch sizes")
+    p.add_argument("--tokens", type=int, default=32, help="tokens generated per sequence")
+    p.add_argument("--no-mlx-lm", action="store_true", help="skip mlx-lm")
+    p.add_argument("--no-speculative", action="store_true", help="skip the speculative run")
+    p.add_argument("--out", type=Path, help="markdown file (default: results/batch-<machine>.md)")
+    args = p.parse_args(argv)
+    try:
+        try:
+            batches = parse_lengths(args.batches)
+        except BenchmarkError as e:
+            raise BenchmarkError(f"--batches {args.batches!r}: sizes >= 1, comma-separated") from e
+        if args.tokens < 2:
+            raise BenchmarkError(f"--tokens must be >= 2, got {args.tokens}")
+        machine = describe(measure_bandwidth=False)
+        table = {}
+        for name in [m for m in args.models.split(",") if m]:
+            model = None if name == "builtin" else name
+            with model_source(model, None, name) as source:
+                print(f"{source.label}: {source.directory}", file=sys.stderr)
+                table[source.label] = []
+                for row in throughput(source.directory, batches, args.tokens, not args.no_mlx_lm):
+                    batch, mine, theirs = row
+                    peer = f", mlx-lm {theirs.tps:.1f}" if theirs else ""
+                    print(f"  batch {batch}: {mine.tps:.1f} tok/s{peer}", file=sys.stderr)
+                    table[source.label].append(row)
+        spec = None
+        if not args.no_speculative:
+            with model_source(None, None, "builtin") as source:
+                spec = speculative(source.directory, args.tokens)
+    except BenchmarkError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    text = markdown(machine, table, spec, args.tokens)
+    out = args.out or RESULTS / f"batch-{machine.label}.md"
+    write_file_atomically(out, lambda path: path.write_text(text), force=True)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

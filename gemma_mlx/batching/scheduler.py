@@ -1,0 +1,451 @@
+"""Continuous batching: many requests, one forward pass per step over all of them.
+
+`BatchScheduler.submit` queues a request (prompt and `stream_generate`'s options) and returns its
+id; every `step()` is one batched forward pass (`model.batched`, `gemma_mlx.ragged`) and returns
+the responses it produced, a `gemma_mlx.generate.GenerationResponse` per new token, tagged with
+the request's id. Within a step:
+
+- Requests join at step boundaries, first come first served, while the memory budget
+  (`gemma_mlx.batching.memory`) holds what all of them may grow to and at most `max_batch` run.
+- Every decoding sequence feeds its newest token (plus its drafts when speculating); prompts are
+  prefilled in chunks that share the pass, at most `prefill_step_size` prompt tokens per step in
+  all, so a long prompt delays the others by at most one chunk per step.
+- Each sequence picks its token with its own logits processors and sampler (a seeded sampler
+  draws from its own key, so its tokens do not depend on its neighbours), or verifies its drafts
+  (`gemma_mlx.batching.speculation`); greedy rows are chosen together.
+- A sequence that finished (end of turn, stop string, length) or was cancelled leaves before the
+  next step, and its memory goes back to the budget.
+
+One host synchronization per step: the chosen tokens of every sequence come back in one array.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from gemma_mlx.batching.memory import default_budget, pass_activation_bytes, sequence_kv_bytes
+from gemma_mlx.batching.sequence import BatchSequence
+from gemma_mlx.batching.speculation import SequenceDraft, draft_planner
+from gemma_mlx.decode import TokenStep, default_prefill_step_size, log_softmax
+from gemma_mlx.drafters import make_drafter
+from gemma_mlx.errors import OptionError, OptionTypeError
+from gemma_mlx.generate import GenerationResponse, check_generation_options, encode_prompt
+from gemma_mlx.generate import _check_length as clipped_to_context  # stream_generate's own rule
+from gemma_mlx.options import check_callable, check_int
+from gemma_mlx.ragged import Segment
+from gemma_mlx.sample import FilteredSampler, greedy, make_logits_processors, make_sampler
+from gemma_mlx.speculative import Drafter, Proposal, check_trimmable
+
+# (request id, tokens, caches): see `BatchScheduler`'s hooks.
+CacheHook = Callable[[int, list[int], list], None]
+# Options of `stream_generate` that belong to the scheduler, not to one request.
+ENGINE_OPTIONS = ("draft", "num_draft", "token_generator", "prefill_step_size", "prompt_progress")
+# Extra positions sliding-window caches keep (the model's default), enough for any draft length.
+DEFAULT_MAX_TRIM = 32
+
+
+@dataclass
+class BatchCounters:
+    """Work done so far: prompt tokens prefilled and the seconds of the steps that prefilled,
+    tokens generated, and the tokens and seconds of the steps that only decoded."""
+
+    prompt_tokens: int = 0
+    prompt_time: float = 0.0
+    generated_tokens: int = 0
+    decode_tokens: int = 0
+    decode_time: float = 0.0
+
+
+@dataclass
+class _Feed:
+    """A sequence's rows in a step's pass: a prefill chunk, or its newest token and drafts."""
+
+    sequence: BatchSequence
+    tokens: mx.array
+    prefill: bool = False
+    proposal: Proposal | None = None  # drafting sequences (possibly no drafts)
+    history: list[int] | None = None  # decoding: the committed tokens before `tokens`
+
+    @property
+    def segment(self) -> Segment:
+        n = self.tokens.shape[0]
+        return Segment(self.sequence.cache, n, 0 if self.prefill else n)
+
+
+@dataclass
+class _Pass:
+    """A launched forward pass: its feeds, what it decides (lazy), when it was launched."""
+
+    decode_feeds: list[_Feed]
+    prefill_feeds: list[_Feed]
+    choices: list[_Choice]
+    hidden: mx.array
+    rows: int
+    start: float
+
+
+@dataclass
+class _Choice:
+    """What a decoding sequence's rows decide, lazily: `result` is [token] for plain decoding,
+    [accepted, *drafts, token] for a verify; `logprobs` [rows, V] of the processed logits."""
+
+    feed: _Feed
+    first_row: int
+    logprobs: mx.array
+    result: mx.array
+
+
+class BatchScheduler:
+    """Runs many generations through one batched forward pass per step (see the module docstring).
+
+    `draft`/`num_draft`: speculative decoding for every request that can use it (greedy or the
+    built-in sampler): `draft` as in `stream_generate` (a drafter model or path, "prompt-lookup",
+    "auto"), or a function making each request's drafter from its prompt ids; "auto" draft
+    lengths are planned for the whole batch (`gemma_mlx.batching.speculation`).
+    `kv_budget`: the most bytes the running requests' caches and one pass's activations may
+    take together (`memory_needed`; default: half of the memory beside the weights).
+    `max_batch`: the most requests running at once. `on_prefilled(uid, tokens, cache)` is called
+    when a request's caches hold its prompt but the last token, `on_retired(uid, tokens, cache)`
+    when it leaves (`tokens`: prompt and generated; the caches hold the first
+    `cache[0].offset`): a server's prefix cache stores snapshots there. Call every method from
+    one thread (the one that runs MLX); `cancel` from any.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        max_batch: int = 32,
+        kv_budget: int | None = None,
+        prefill_step_size: int | None = None,
+        draft: Any = None,
+        num_draft: int | str = "auto",
+        model_path: Any = None,
+        on_prefilled: CacheHook | None = None,
+        on_retired: CacheHook | None = None,
+    ):
+        if not callable(getattr(model, "batched", None)):
+            raise OptionTypeError(
+                f"continuous batching needs a gemma_mlx model (one with `batched`), got "
+                f"{type(model).__name__}"
+            )
+        self.model = model
+        self.on_prefilled = check_callable("on_prefilled", on_prefilled)
+        self.on_retired = check_callable("on_retired", on_retired)
+        self.tokenizer = tokenizer
+        self.max_batch = check_int("max_batch", max_batch, minimum=1)
+        self.chunk = check_int(
+            "prefill_step_size", prefill_step_size or default_prefill_step_size(), minimum=1
+        )
+        self.model_path = model_path if model_path is not None else getattr(model, "path", None)
+        self.make_drafter = self._drafter_factory(draft)
+        self.planner = None if self.make_drafter is None else draft_planner(num_draft)
+        self.max_trim = max(DEFAULT_MAX_TRIM, self.planner.max_draft if self.planner else 0)
+        self.kv_budget = (
+            default_budget(model) if kv_budget is None else check_int("kv_budget", kv_budget)
+        )
+        self.waiting: deque[BatchSequence] = deque()
+        self.active: list[BatchSequence] = []
+        self._uids = itertools.count()
+        self._by_uid: dict[int, BatchSequence] = {}
+        self.counters = BatchCounters()
+        self._inflight: _Pass | None = None  # queued, its tokens not read yet
+        self._last_read = 0.0  # when a pass's tokens were last read
+
+    # --- requests -------------------------------------------------------------------------
+
+    def submit(self, prompt: Any, max_tokens: int = 256, **options: Any) -> int:
+        """Queue a request; returns its id. `prompt` and `options` are `stream_generate`'s (but
+        the engine options: drafting and prefill chunks are set on the scheduler); every option
+        is checked here, so a bad request fails before it runs."""
+        for name in ENGINE_OPTIONS:
+            if name in options:
+                raise OptionError(f"{name} is an option of the batch scheduler, not of a request")
+        check_generation_options(self.model, {"max_tokens": max_tokens, **options})
+        ids = encode_prompt(self.tokenizer, prompt, options.get("chat_template_kwargs"))
+        max_tokens = clipped_to_context(self.model, len(ids), max_tokens)
+        sampler = options.get("sampler") or make_sampler(
+            options.get("temp", 0.0),
+            top_p=options.get("top_p", 1.0),
+            min_p=options.get("min_p", 0.0),
+            top_k=options.get("top_k", 0),
+            seed=options.get("seed"),
+        )
+        processors = options.get("logits_processors")
+        if processors is None:
+            processors = make_logits_processors(
+                options.get("logit_bias"),
+                options.get("repetition_penalty"),
+                options.get("repetition_context_size", 20),
+                self.tokenizer.vocab_size,
+            )
+        cache = options.get("prompt_cache")
+        if cache is None:
+            cache = self.model.make_cache(max_trim=self.max_trim)
+        uid = next(self._uids)
+        kv_bytes = sequence_kv_bytes(self.model, len(ids) + max_tokens, self.max_trim, self.chunk)
+        sequence = BatchSequence(
+            uid, self.model, self.tokenizer, ids, cache, max_tokens, sampler, processors,
+            options.get("stop", ()), kv_bytes,
+        )  # fmt: skip
+        needs = self.memory_needed([sequence])
+        if needs > self.kv_budget:
+            raise OptionError(
+                f"request {uid} ({len(ids)} prompt tokens, max_tokens {max_tokens}) needs up to "
+                f"{needs / 2**20:.1f} MiB for its KV cache and a pass, more than kv_budget "
+                f"({self.kv_budget / 2**20:.1f} MiB) even alone"
+            )
+        sequence.draft = self._draft_for(sequence, options.get("seed"))
+        self.waiting.append(sequence)
+        self._by_uid[uid] = sequence
+        return uid
+
+    def cancel(self, uid: int) -> None:
+        """Stop a request; it leaves before the next step (safe to call from another thread)."""
+        sequence = self._by_uid.get(uid)
+        if sequence is not None:
+            sequence.cancelled = True
+
+    def memory_needed(self, sequences: list[BatchSequence]) -> int:
+        """The most bytes `sequences` can take running together: their caches at their final
+        capacity and one pass over all of them (a prefill chunk, every decode and draft row)."""
+        rows = len(sequences) * (1 + (self.planner.max_draft if self.planner else 0))
+        longest = max(len(s.prompt) + s.max_tokens for s in sequences) + self.max_trim
+        activations = pass_activation_bytes(self.model, self.chunk + rows, rows, longest)
+        return sum(s.kv_bytes for s in sequences) + activations
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.active or self._inflight)
+
+    def _drafter_factory(self, draft: Any) -> Callable[[list[int]], Drafter] | None:
+        """A function making each request's drafter (prompt ids -> drafter), or None when
+        `draft` asks for none ("auto" without an assistant beside the model)."""
+        if draft is None:
+            return None
+        if all(hasattr(draft, m) for m in ("prefill", "propose", "commit")):
+            raise OptionError(
+                "draft: a drafter object holds one sequence's state; give the batch a function "
+                "that makes one per request (prompt token ids -> drafter)"
+            )
+        if callable(draft) and not isinstance(draft, nn.Module):
+            return draft
+        if make_drafter(draft, self.model, self.model_path) is None:  # checks and loads it once
+            return None
+        return lambda _ids: make_drafter(draft, self.model, self.model_path)
+
+    def _draft_for(self, sequence: BatchSequence, seed: int | None) -> SequenceDraft | None:
+        """A drafter for a request that can draft exactly: greedy or the built-in sampler."""
+        sampler = sequence.sampler
+        if self.planner is None or not (sampler is greedy or isinstance(sampler, FilteredSampler)):
+            return None
+        check_trimmable(sequence.cache, self.planner.max_draft)
+        drafter = self.make_drafter(list(sequence.prompt))
+        sampling = None if sampler is greedy else sampler
+        return SequenceDraft(drafter, self.model, sequence.cache, sequence.tokens, sampling, seed)
+
+    # --- steps ----------------------------------------------------------------------------
+
+    def run(self) -> Iterator[tuple[int, GenerationResponse]]:
+        """Step until every request is done, yielding (request id, response) as they come."""
+        while self.has_work:
+            yield from self.step()
+
+    def step(self) -> list[tuple[int, GenerationResponse]]:
+        """One batched forward pass over every running request (see the module docstring);
+        returns the responses of the pass that completed in this call.
+
+        Without drafts the passes are pipelined like `gemma_mlx.decode.generate_tokens`: the
+        next pass is queued (its inputs the previous pass's lazy tokens) before the previous
+        one's tokens are read, so building a pass overlaps computing the last. A sequence that
+        ends (end of turn, stop string) is then computed one step too far, and that step
+        dropped. A verify needs its result before the next pass, so with drafts each pass is
+        read before the next is built."""
+        self._retire()
+        self._admit()
+        out = []
+        if self._inflight is not None and not self._pipelined:
+            out += self._finish(self._inflight)
+            self._inflight = None
+            self._retire()
+        launched = self._launch()
+        if self._inflight is not None:
+            out += self._finish(self._inflight)
+        self._inflight = launched
+        if launched is not None and not self._pipelined:
+            out += self._finish(launched)
+            self._inflight = None
+        self._retire()
+        return out
+
+    @property
+    def _pipelined(self) -> bool:
+        return all(s.draft is None for s in self.active)
+
+    def _launch(self) -> _Pass | None:
+        """Build the next pass over every running sequence and queue it (no host sync)."""
+        decoding = [s for s in self.active if not s.prefilling and s.unscheduled > 0]
+        decode_feeds = self._decode_feeds(decoding)
+        prefill_feeds = self._prefill_feeds()
+        feeds = decode_feeds + prefill_feeds  # kept rows (decoding ones) first, in this order
+        if not feeds:
+            return None
+        start = time.perf_counter()
+        inputs = mx.concatenate([f.tokens for f in feeds])
+        logits, hidden = self.model.batched(inputs, [f.segment for f in feeds], return_hidden=True)
+        choices = self._choose(decode_feeds, logits)
+        for f in prefill_feeds:
+            f.sequence.prefilled_chunk(f.tokens.shape[0])  # this pass writes them
+            if self.on_prefilled is not None and not f.sequence.prefilling:
+                self.on_prefilled(f.sequence.uid, f.sequence.prompt[:-1], f.sequence.cache)
+        for choice in choices:
+            choice.feed.sequence.scheduled(choice.result if choice.feed.proposal is None else None)
+        mx.async_eval(
+            [c.result for c in choices], [c.state for f in prefill_feeds for c in f.sequence.cache]
+        )
+        return _Pass(decode_feeds, prefill_feeds, choices, hidden, inputs.shape[0], start)
+
+    def _finish(self, done: _Pass) -> list[tuple[int, GenerationResponse]]:
+        """Read a pass's tokens (the one host sync of a step) and hand them out."""
+        results = [c.result for c in done.choices]
+        if results:
+            values = mx.concatenate(results).tolist()
+        else:
+            mx.eval([c.state for f in done.prefill_feeds for c in f.sequence.cache])
+            values = []
+        out = []
+        for choice in done.choices:
+            size = choice.result.shape[0]
+            s = choice.feed.sequence
+            s.unschedule(choice.result)
+            if not s.finished:  # else it ended (or was cancelled) while this pass ran
+                out += self._commit(choice, values[:size], done.hidden)
+            values = values[size:]
+        now = time.perf_counter()
+        seconds = now - max(done.start, self._last_read)  # passes overlap: count each second once
+        self._last_read = now
+        prefilled = sum(f.tokens.shape[0] for f in done.prefill_feeds)
+        self._count(out, prefilled, seconds)
+        if self.planner is not None and done.decode_feeds and not prefilled:
+            self.planner.observe(done.rows, seconds)
+        return out
+
+    def _count(self, out: list, prefilled: int, seconds: float) -> None:
+        counters = self.counters
+        counters.generated_tokens += len(out)
+        if prefilled:
+            counters.prompt_tokens += prefilled
+            counters.prompt_time += seconds
+        else:
+            counters.decode_tokens += len(out)
+            counters.decode_time += seconds
+
+    def _choose(self, feeds: list[_Feed], logits: mx.array) -> list[_Choice]:
+        """Each decoding sequence's token (its processors, then its sampler; greedy rows in one
+        argmax), or its verify of its drafts."""
+        choices, plain, row = [], [], 0
+        for f in feeds:
+            rows = logits[row : row + f.tokens.shape[0]]
+            s = f.sequence
+            processed = s.processed(rows, f.history, f.tokens)
+            if f.proposal is None:
+                plain.append((f, row, processed))
+            else:
+                result = s.draft.verify(processed, f.proposal)
+                choices.append(_Choice(f, row, log_softmax(processed), result))
+            row += f.tokens.shape[0]
+        if plain:
+            logprobs = log_softmax(mx.concatenate([p for _, _, p in plain]))
+            best = mx.argmax(logprobs, axis=-1)
+            for i, (f, first_row, _) in enumerate(plain):
+                lp = logprobs[i : i + 1]
+                token = best[i : i + 1] if f.sequence.is_greedy else f.sequence.sampler(lp)
+                choices.append(_Choice(f, first_row, lp, token.astype(mx.int32)))
+        return choices
+
+    def _commit(
+        self, choice: _Choice, values: list[int], hidden: mx.array
+    ) -> list[tuple[int, GenerationResponse]]:
+        """Hand a sequence its new tokens; after a verify, trim its caches by the rejected
+        drafts and update its drafter."""
+        s = choice.feed.sequence
+        proposal = choice.feed.proposal
+        if proposal is None:
+            steps = [TokenStep(values[0], choice.logprobs[0])]
+            return [(s.uid, r) for r in s.commit(steps)]
+        k, n = proposal.tokens.shape[0], values[0]
+        for c in s.cache:
+            c.trim(k - n)
+        new_tokens = [*values[1 : 1 + n], values[-1]]
+        steps = [TokenStep(t, choice.logprobs[i], i < n) for i, t in enumerate(new_tokens)]
+        responses = s.commit(steps)
+        if not s.finished:
+            row = choice.first_row + n
+            s.draft.commit(k, n, hidden[row : row + 1])
+        return [(s.uid, r) for r in responses]
+
+    def _decode_feeds(self, decoding: list[BatchSequence]) -> list[_Feed]:
+        """The newest token of every decoding sequence, and the drafts the planner grants."""
+        ready = [s for s in decoding if s.draft is not None and s.draft.ready and s.unscheduled > 1]
+        ks = dict.fromkeys(map(id, decoding), 0)
+        if ready:
+            plan = self.planner.plan(
+                [s.draft.alpha for s in ready], [s.unscheduled - 1 for s in ready], len(decoding)
+            )
+            ks.update(zip(map(id, ready), plan, strict=True))
+        feeds = []
+        for s in decoding:
+            if s.pending is not None:  # the token the queued pass chooses
+                feeds.append(_Feed(s, s.pending, history=list(s.tokens)))
+                continue
+            last = mx.array(s.tokens[-1:], dtype=mx.int32)
+            history = s.tokens[:-1]
+            if s.draft is None:
+                feeds.append(_Feed(s, last, history=history))
+            else:
+                proposal = s.draft.propose(ks[id(s)])
+                inputs = mx.concatenate([last, proposal.tokens])
+                feeds.append(_Feed(s, inputs, proposal=proposal, history=history))
+        return feeds
+
+    def _prefill_feeds(self) -> list[_Feed]:
+        budget, feeds = self.chunk, []
+        for s in self.active:
+            if budget == 0:
+                break
+            if s.prefilling:
+                chunk = s.prefill_chunk(budget)
+                feeds.append(_Feed(s, mx.array(chunk, dtype=mx.int32), prefill=True))
+                budget -= len(chunk)
+        return feeds
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.active) < self.max_batch:
+            head = self.waiting[0]
+            if not head.cancelled and self.memory_needed([*self.active, head]) > self.kv_budget:
+                return
+            self.waiting.popleft()
+            if head.cancelled:
+                self._forget(head)
+            else:
+                self.active.append(head)
+
+    def _retire(self) -> None:
+        for s in [s for s in self.active if s.finished]:
+            self.active.remove(s)
+            self._forget(s)
+
+    def _forget(self, sequence: BatchSequence) -> None:
+        if self.on_retired is not None:
+            self.on_retired(sequence.uid, list(sequence.tokens), sequence.cache)
+        sequence.close()
+        self._by_uid.pop(sequence.uid, None)

@@ -1,0 +1,146 @@
+"""The batched forward pass (`model.batched`, `gemma_mlx.ragged`) against each sequence alone.
+
+For every variant (dense 31B-like, E2B/E4B-like with per-layer inputs and KV sharing, 12B-like,
+26B-A4B-like MoE, Gemma 3) with a 16-token sliding window: one sequence through the batched pass
+is bit-for-bit the plain forward pass; several sequences at different positions (prefill chunks,
+decode rows, verify rows, past the window) give each sequence's logits to within BLAS rounding
+(the weight products see more rows: a one-row product runs as sgemv, 2-8 rows through the
+few-row kernel, more as sgemm, which sum in different orders) and the same argmax, and leave its
+caches equal to its caches alone.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from speculative_helpers import random_target
+
+from gemma_mlx.ragged import RaggedBatch, Segment
+
+WINDOW = 16
+VARIANTS = ["31b", "e2b", "e4b", "12b", "26b-a4b", "gemma3"]
+
+
+@pytest.fixture(scope="module", params=VARIANTS)
+def model(request):
+    return random_target(request.param, window=WINDOW)
+
+
+def tokens(n: int, seed: int) -> list[int]:
+    return np.random.default_rng(seed).integers(5, 500, n).tolist()
+
+
+def test_one_sequence_is_bitwise_the_plain_pass(model):
+    ids = tokens(61, 0)
+    solo, batched = model.make_cache(), model.make_cache()
+    position = 0
+    for n in (13, 1, 1, 6, 1, 20, 4, 1, 14):  # chunks, decode steps and verifies; past the window
+        chunk = ids[position : position + n]
+        position += n
+        expected = model(mx.array([chunk]), solo)[0]
+        got = model.batched(mx.array(chunk), [Segment(batched, n, n)])
+        assert mx.array_equal(got, expected).item(), f"differs at position {position}"
+
+
+def test_prefill_rows_are_skipped_like_logits_to_keep_zero(model):
+    """keep=0 writes the caches as `model(..., logits_to_keep=0)` does (KV-shared layers skip)."""
+    ids = tokens(30, 1)
+    solo, batched = model.make_cache(), model.make_cache()
+    model(mx.array([ids]), solo, logits_to_keep=0)
+    assert model.batched(mx.array(ids), [Segment(batched, 30, 0)]).shape == (
+        0,
+        model.args.vocab_size,
+    )
+    for a, b in zip(solo, batched, strict=True):
+        assert a.offset == b.offset == 30
+        for x, y in zip(a.state, b.state, strict=True):
+            assert mx.array_equal(x, y).item()
+
+
+def test_ragged_batch_matches_each_sequence_alone(model):
+    """Four sequences at different positions, in three passes: a mixed pass (a prefill chunk
+    with no logits, a decode row, a verify of 4 rows, a prefill chunk keeping its last 2), then
+    two decode-only passes. The second sequence is past the window throughout."""
+    histories = [tokens(5, 2), tokens(40, 3), tokens(9, 4), tokens(1, 5)]
+    passes = [
+        [(12, 0), (1, 1), (4, 4), (7, 2)],
+        [(1, 1), (1, 1), (3, 3), (2, 2)],
+        [(1, 1), (1, 1), (1, 1), (1, 1)],
+    ]
+    rng = np.random.default_rng(6)
+    solo = [model.make_cache() for _ in histories]
+    batched = [model.make_cache() for _ in histories]
+    for cache_s, cache_b, history in zip(solo, batched, histories, strict=True):
+        model(mx.array([history]), cache_s)
+        model.batched(mx.array(history), [Segment(cache_b, len(history), 0)])
+    for feeds in passes:
+        new = [rng.integers(5, 500, n).tolist() for n, _ in feeds]
+        segments = [Segment(c, n, keep) for c, (n, keep) in zip(batched, feeds, strict=True)]
+        got = model.batched(mx.array([t for seq in new for t in seq]), segments)
+        row = 0
+        for cache, seq, (n, keep) in zip(solo, new, feeds, strict=True):
+            expected = model(mx.array([seq]), cache)[0, n - keep :]
+            if keep:
+                np.testing.assert_allclose(got[row : row + keep], expected, atol=2e-4, rtol=1e-4)
+                assert mx.array_equal(mx.argmax(got[row : row + keep], -1), mx.argmax(expected, -1))
+            row += keep
+        assert row == got.shape[0]
+    for cs, cb in zip(solo, batched, strict=True):
+        for a, b in zip(cs, cb, strict=True):
+            assert a.offset == b.offset
+            for x, y in zip(a.state, b.state, strict=True):
+                np.testing.assert_allclose(x, y, atol=2e-4, rtol=1e-4)
+
+
+def test_per_sequence_trim_after_a_shared_verify(model):
+    """Two sequences verify 5 rows each in one pass, then keep different numbers of them: each
+    trims only its own caches, and the next pass equals a run that never saw the rejects."""
+    a, b = tokens(20, 7), tokens(33, 8)
+    caches = [model.make_cache(max_trim=8) for _ in range(2)]
+    for cache, history in zip(caches, (a, b), strict=True):
+        model.batched(mx.array(history), [Segment(cache, len(history), 0)])
+    verify = [tokens(5, 9), tokens(5, 10)]
+    model.batched(mx.array(verify[0] + verify[1]), [Segment(c, 5, 5) for c in caches])
+    kept = (1, 4)
+    for cache, n in zip(caches, kept, strict=True):
+        for c in cache:
+            c.trim(5 - n)
+    after = [tokens(2, 11), tokens(2, 12)]
+    got = model.batched(mx.array(after[0] + after[1]), [Segment(c, 2, 2) for c in caches])
+    for i, (history, n) in enumerate(zip((a, b), kept, strict=True)):
+        reference = model.make_cache()
+        full = history + verify[i][:n] + after[i]
+        expected = model(mx.array([full]), reference)[0, -2:]
+        np.testing.assert_allclose(got[2 * i : 2 * i + 2], expected, atol=2e-4, rtol=1e-4)
+
+
+def test_layout_rows_positions_and_masks():
+    class Cache:
+        def __init__(self, offset):
+            self.offset = offset
+
+    segments = [Segment([Cache(3)], 4, 0), Segment([Cache(30)], 1, 1), Segment([Cache(0)], 3, 2)]
+    layout = RaggedBatch.of(segments, {"sliding": 2, "full": None})
+    assert layout.rows == [(0, 4), (4, 5), (5, 8)]
+    assert layout.positions.tolist() == [3, 4, 5, 6, 30, 0, 1, 2]
+    assert layout.masks["full"] == ["causal", None, "causal"]
+    kept = layout.kept()
+    assert kept.rows == [(0, 0), (0, 1), (1, 3)]
+    assert kept.positions.tolist() == [30, 1, 2]
+    assert layout.kept_rows().tolist() == [4, 6, 7]
+    # The kept queries of the third segment (positions 1, 2) see keys 0..2, lower-right aligned.
+    assert kept.masks["full"][2] == "causal"
+    # Queries 3..6 of the first, window 2, over the keys its cache returns (from position 2).
+    assert layout.masks["sliding"][0].tolist() == [
+        [True, True, False, False, False],
+        [False, True, True, False, False],
+        [False, False, True, True, False],
+        [False, False, False, True, True],
+    ]
+
+
+@pytest.mark.parametrize("length, keep", [(0, 0), (2, 3), (2, -1)])
+def test_bad_segment(length, keep):
+    with pytest.raises(ValueError, match="segment"):
+        Segment([], length, keep)

@@ -7,15 +7,16 @@ For each model and batch size B: B different prompts of the same length, greedy,
 ignored, `--tokens` tokens per sequence. The aggregate speed counts the tokens of the steps after
 every sequence has its first token, over those steps' time (prompt processing excluded):
 - gemma_mlx: `gemma_mlx.batching.BatchScheduler` (ragged batch, one pass per step).
-- mlx-lm: its `BatchGenerator` (what `mlx_lm.batch_generate` runs) on `mlx_lm.load` of the same
-  directory given our loader's weight treatment (`benchmarks.engines.MlxLm`), its products as
-  sgemm as in mlx-lm's own process.
+- mlx-lm: its `BatchGenerator` (what `mlx_lm.batch_generate` runs) on mlx-lm's model class for
+  the same config holding exactly our loaded weights (float32 on the CPU), its products as sgemm
+  as in mlx-lm's own process.
 The two alternate at each batch size, so a shared machine's load hits both alike. On Linux a
 product of 1 row runs as sgemv, of 2-8 rows through our few-row kernel, of more as sgemm
 (`gemma_mlx/_blas_route.c`): batch 16 crosses into sgemm.
 
 Speculative (the built-in model, batch 4): prompts that repeat a passage (~600 tokens), plain
-batching against prompt lookup with planned draft lengths; the outputs are compared too.
+batching against prompt lookup with planned draft lengths; the outputs are compared too. The
+file ends with the cost model's batch table (`benchmarks.batch_cost`) for the released sizes.
 """
 
 from __future__ import annotations
@@ -26,13 +27,19 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import gemma_mlx  # noqa: F401  (preloads OpenBLAS before MLX)
 
 # isort: split
 import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
 
-from benchmarks.engines import MlxLm, Ours, package_version
+from benchmarks.batch_cost import batch_lines
+from benchmarks.configs import GEMMA4
+from benchmarks.cost_model import batch_weights
+from benchmarks.engines import Ours, package_version
 from benchmarks.machine import describe
 from benchmarks.run import BenchmarkError, model_source, parse_lengths
 from gemma_mlx import _platform
@@ -104,7 +111,41 @@ def run_ours(engine: Ours, prompts: list[list[int]], tokens: int, **options) -> 
     return run
 
 
-def run_mlx_lm(engine: MlxLm, prompts: list[list[int]], tokens: int) -> Run:
+@dataclass
+class MlxLmTwin:
+    """mlx-lm's model class for the directory's config, holding exactly our loaded weights (our
+    float32 dequantization on the CPU, quantized where our loader keeps them quantized), so the
+    two differ only in their implementation whatever format the directory is in; its products
+    as sgemm, as in mlx-lm's own process."""
+
+    model: Any
+    prefill_step_size: int = 512
+    few_row_routing: bool = False
+
+    @classmethod
+    def of(cls, ours: Ours, directory: Path) -> MlxLmTwin:
+        from mlx_lm.utils import _get_classes, load_config
+
+        config = {
+            k: v
+            for k, v in load_config(directory).items()
+            if k not in ("quantization", "quantization_config")
+        }
+        model_class, args_class = _get_classes(config)
+        model = model_class(args_class.from_dict(config))
+        kept = {  # what our loader kept quantized (E2B/E4B's per-layer-embedding table)
+            path: {"group_size": m.group_size, "bits": m.bits, "mode": m.mode}
+            for path, m in ours.model.named_modules()
+            if hasattr(m, "bits") and hasattr(m, "group_size")
+        }
+        if kept:
+            nn.quantize(model, class_predicate=lambda path, _: kept.get(path, False))
+        model.update(tree_unflatten(tree_flatten(ours.model.parameters())))
+        mx.eval(model.parameters())
+        return cls(model)
+
+
+def run_mlx_lm(engine: MlxLmTwin, prompts: list[list[int]], tokens: int) -> Run:
     from mlx_lm.generate import BatchGenerator
 
     batch = len(prompts)
@@ -132,7 +173,7 @@ def throughput(
 ) -> Iterator[tuple[int, Run, Run | None]]:
     ours = Ours(source_dir, prefill_step_size=512)
     ours.tokenizer = replace(ours.tokenizer, eos_token_ids=frozenset())  # never stop early
-    peer = MlxLm(source_dir, 512, like=ours) if with_mlx_lm else None
+    peer = MlxLmTwin.of(ours, source_dir) if with_mlx_lm else None
     vocab = ours.model.args.vocab_size
     warm = prompts_for(vocab, 1, PROMPT_TOKENS)
     run_ours(ours, warm, 4)
@@ -171,8 +212,9 @@ def markdown(
         f"{package_version('mlx-lm')}. {time.strftime('%Y-%m-%d')}.",
         f"Command: `python -m benchmarks.batch`. Greedy, {PROMPT_TOKENS}-token prompts, "
         f"{tokens} tokens per sequence; aggregate = tokens of all sequences per second once "
-        "every sequence decodes (prompt processing excluded). Same weights for both (mlx-lm "
-        "given our loader's treatment: float32 on the CPU).",
+        "every sequence decodes (prompt processing excluded). Same weights for both (mlx-lm's "
+        "model class holding our loaded float32 weights); mlx-lm's products as sgemm, as in its "
+        "own process, ours routed (1 row sgemv, 2-8 rows the few-row kernel, more sgemm).",
         "",
         "| model | batch | gemma_mlx tok/s | x batch 1 | mlx-lm tok/s | gemma_mlx / mlx-lm "
         "| peak GB ours / mlx-lm | same tokens |",
@@ -201,6 +243,7 @@ def markdown(
             f"{drafted.acceptance:.0%} of drafts kept; "
             f"same tokens: {'yes' if plain.outputs == drafted.outputs else 'no'}.",
         ]
+    lines += ["", *batch_lines({size: batch_weights(size) for size in GEMMA4})]
     return "\n".join(lines) + "\n"
 
 

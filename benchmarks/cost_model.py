@@ -268,6 +268,24 @@ def summary(table: dict[str, dict[str, Cost]]) -> list[str]:
     return lines
 
 
+def kernel_path_lines(table: dict[str, dict[str, Cost]]) -> list[str]:
+    """What one decoded token launches on gemma_mlx's kernel path, kernel by kernel (ours in
+    snake_case, MLX's primitives in CamelCase)."""
+    lines = [
+        "## The kernel path of a decoded token, kernel by kernel",
+        "",
+        "| model | kernels (launches per decoded token) |",
+        "|---|---|",
+    ]
+    for size, c in table.items():
+        launched = sorted(
+            ((n, k) for n, k in c["gemma_mlx"].metal.items() if n not in VIEWS),
+            key=lambda item: (-item[1], item[0]),
+        )
+        lines.append(f"| {size.upper()} | " + ", ".join(f"{n} {k}" for n, k in launched) + " |")
+    return lines
+
+
 def markdown(table: dict[str, dict[str, Cost]], context: int) -> str:
     lines = [
         "# Decode cost model: gemma_mlx against mlx-lm, Gemma 4 at QAT 4-bit group 32",
@@ -312,6 +330,7 @@ def markdown(table: dict[str, dict[str, Cost]], context: int) -> str:
             f"| {kernels_in(ours.window)} / {kernels_in(ours.window_metal)} "
             f"/ {kernels_in(peer.window)} |"
         )
+    lines += ["", *kernel_path_lines(table)]
     lines += [
         "",
         f"## Decode ceilings (tok/s): bandwidth / (weights + KV at {context})",
@@ -360,8 +379,10 @@ def markdown(table: dict[str, dict[str, Cost]], context: int) -> str:
         "buffers as leaves. On a Metal stream `rms_norm` and `rope` are one kernel and attention is "
         "one kernel where MLX has a fused kernel for the shapes; decode attention over 512-wide "
         "heads (Gemma 4 full layers) is not among them in MLX 0.32, so those layers run MLX's "
-        "unfused composition. Kernels = primitives minus views (reshape, transpose, broadcast, "
-        "slice, ...). `mx.compile`d functions count as one primitive each.",
+        "unfused composition (on gemma_mlx's kernel path, its own two-launch decode attention). "
+        "Kernels = primitives minus views (reshape, transpose, broadcast, slice, ...). "
+        "`mx.compile`d functions count as one primitive each; on the kernel path each launch of a "
+        "gemma_mlx kernel counts one (`gemma_mlx.kernels.trace`).",
         "- Host syncs: calls that block on the device (`mx.eval`, `item`, `tolist`, `int()`...) "
         "between the first and the last decoded token of each implementation's `stream_generate`; "
         "submissions: `mx.async_eval` calls.",

@@ -222,7 +222,7 @@ def round_census(head: Census, verify_round: Census, drafts: int) -> Census:
 # The fused layer operations counted per size: all of E2B's, what only the others have.
 LAYER_OPERATIONS = {
     "e2b": lambda name: True,
-    "26b-a4b": lambda name: "router" in name or "2 input norm" in name,
+    "26b-a4b": lambda name: "router" in name or "2 input norm" in name or "MoE" in name,
     "31b": lambda name: "full layer" in name,
 }
 

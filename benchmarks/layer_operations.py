@@ -19,7 +19,7 @@ from gemma_mlx.kernels.attention import decode_attention
 from gemma_mlx.kernels.heads import attention_heads
 from gemma_mlx.kernels.operands import Matrix, Norm, Rotary
 from gemma_mlx.kernels.projection import project, project_geglu
-from gemma_mlx.kernels.residual import residual
+from gemma_mlx.kernels.residual import moe_residual, residual
 from gemma_mlx.models import gemma4
 from gemma_mlx.models.base import make_rope
 
@@ -109,6 +109,19 @@ def feed_forward_operations(args: gemma4.ModelArgs, layer: int) -> dict[str, Ope
         router = norm(H, eps, scale=H**-0.5)
         operations["router norm + logits (float32)"] = lambda: project(
             row(H), [matrix(args.num_experts, H, quantized=False)], router, mx.float32
+        )
+        k = args.top_k_experts
+        operations["residual after the MoE block + layer scalar (layer end)"] = lambda: (
+            moe_residual(
+                row(H),
+                row(H),
+                zero_leaf((1, k, H), DTYPE),
+                zero_leaf((1, 1, k), mx.float32),
+                norm(H, eps),
+                norm(H, eps),
+                norm(H, eps),
+                zero_leaf((1,), DTYPE),
+            )
         )
     return operations
 

@@ -27,12 +27,17 @@ from gemma_mlx.fingerprint import model_fingerprint
 from gemma_mlx.generate import (
     GenerationResponse,
     check_generation_options,
-    media_list,
     prepare_prompt,
     stream_generate,
 )
 from gemma_mlx.media.image import DEFAULT_SOFT_TOKENS
-from gemma_mlx.media.messages import from_json, map_sources, to_json, with_encoded
+from gemma_mlx.media.messages import (
+    from_json,
+    map_sources,
+    to_json,
+    user_content,
+    with_encoded,
+)
 from gemma_mlx.media.prompt import EncodedMedia, reusable_prefix
 from gemma_mlx.models.gemma4_multimodal import MediaItem
 from gemma_mlx.options import check_text
@@ -87,27 +92,6 @@ def _media_keys(messages: Sequence[Mapping[str, Any]]) -> list[str]:
 
     map_sources(messages, note)
     return keys
-
-
-def user_content(
-    message: str | Sequence[Mapping[str, Any]], images: Any, audio: Any
-) -> str | list[Mapping[str, Any]]:
-    """A user message's content: the text, or content parts (images, then audio, then the text)."""
-    images, audio = media_list("images", images), media_list("audio", audio)
-    if not isinstance(message, str):
-        if images or audio:
-            raise OptionError("give images and audio as content parts or as images=/audio=")
-        if not isinstance(message, Sequence) or not all(isinstance(p, Mapping) for p in message):
-            raise OptionError("message must be a string or a list of content parts (dicts)")
-        return list(message)
-    check_text("message", message)
-    if not images and not audio:
-        return message
-    return [
-        *({"type": "image", "image": image} for image in images),
-        *({"type": "audio", "audio": clip} for clip in audio),
-        {"type": "text", "text": message},
-    ]
 
 
 class ChatSession:

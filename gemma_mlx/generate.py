@@ -32,8 +32,8 @@ from gemma_mlx.drafters import speculative_steps
 from gemma_mlx.errors import OptionError, OptionTypeError, PromptError
 from gemma_mlx.media.image import DEFAULT_SOFT_TOKENS, SOFT_TOKEN_BUDGETS
 from gemma_mlx.media.layout import with_placeholders
-from gemma_mlx.media.messages import media_parts
-from gemma_mlx.media.prompt import EncodedMedia, PreparedPrompt, media_args, prepare
+from gemma_mlx.media.messages import attach_media, media_list, media_parts
+from gemma_mlx.media.prompt import PreparedPrompt, media_args, prepare
 from gemma_mlx.options import check_callable, check_int, check_text
 from gemma_mlx.sample import (
     LogitsProcessor,
@@ -159,8 +159,9 @@ def prepare_prompt(
 ) -> PreparedPrompt:
     """The prompt's token ids with its images and audio encoded (`gemma_mlx.media.prepare`).
 
-    Chat messages take theirs from their content parts; a text or token prompt takes `images` and
-    `audio` at its `<|image|>`/`<|audio|>` placeholders, or at its start when it has none.
+    Chat messages take theirs from their content parts (`images`/`audio` given apart go in front of
+    the last user message's text); a text or token prompt takes `images` and `audio` at its
+    `<|image|>`/`<|audio|>` placeholders, or at its start when it has none.
     `encoded` is a memo of soft tokens by content hash (a chat session's); a `PreparedPrompt` is
     returned as it is.
     """
@@ -169,36 +170,26 @@ def prepare_prompt(
         if images or audio:
             raise OptionError("a PreparedPrompt holds its media already: pass no images or audio")
         return prompt
-    ids = encode_prompt(tokenizer, prompt, chat_template_kwargs)
-    _check_length(model, len(ids), 1)  # before encoding anything: media only add tokens
-    if _is_messages(prompt):
-        in_parts = media_parts(prompt)
-        if any(in_parts) and (images or audio):
+    in_parts = media_parts(prompt) if _is_messages(prompt) else ([], [])
+    if _is_messages(prompt) and (images or audio):
+        if any(in_parts):
             raise OptionError(
                 "give images and audio as content parts of the messages or as images=/audio=, "
                 "not both"
             )
-        images, audio = (images, audio) if images or audio else in_parts
+        prompt = attach_media(prompt, images, audio)
+        in_parts = (images, audio)
+    images, audio = in_parts if any(in_parts) else (images, audio)
+    placeholders = {}
     for needs, kind, items in (("images", "image", images), ("audio", "audio", audio)):
-        if items:
-            placeholder = getattr(media_args(model, needs).tokens, kind)
-            ids = with_placeholders(ids, placeholder, len(items), tokenizer.bos_token_id)
+        if items:  # a text-only model is refused before anything is rendered or read
+            placeholders[kind] = getattr(media_args(model, needs).tokens, kind), len(items)
+    ids = encode_prompt(tokenizer, prompt, chat_template_kwargs)
+    _check_length(model, len(ids), 1)  # before encoding anything: media only add tokens
+    if not any(in_parts):  # content parts have their placeholders from the template
+        for placeholder, count in placeholders.values():
+            ids = with_placeholders(ids, placeholder, count, tokenizer.bos_token_id)
     return PreparedPrompt(*prepare(model, ids, images, audio, max_soft_tokens, encoded))
-
-
-def media_list(name: str, value: Any) -> list[Any]:
-    """`images=`/`audio=` as a list: one source (a path, bytes, data URL, PIL image, or for audio
-    (samples, sampling rate)) or a list of them."""
-    if value is None:
-        return []
-    one = isinstance(value, (str, bytes, os.PathLike, EncodedMedia)) or hasattr(value, "getbands")
-    if name == "audio" and isinstance(value, tuple) and len(value) == 2 and _is_int(value[1]):
-        one = True
-    if one:
-        return [value]
-    if not isinstance(value, Sequence):
-        raise OptionTypeError(f"{name} must be a source or a list of sources, got {value!r}")
-    return list(value)
 
 
 def check_generation_options(model: Any, options: Mapping[str, Any]) -> None:

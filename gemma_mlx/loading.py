@@ -361,8 +361,13 @@ def build_and_check(
                 f"{model_dir}: this checkpoint has no vision or audio tower (its config.json has "
                 "no vision_config or audio_config): it cannot take images or audio"
             )
-        if towers and media is None:
+        if towers:
             weights, origin = read_weights(weight_files(model_dir))
+            if media and not holds_towers(weights):
+                raise MediaError(
+                    f"{model_dir}: config.json describes vision/audio towers but the weights "
+                    "hold none (a text-only export?): it cannot take images or audio"
+                )
             towers = holds_towers(weights)
         with reported_as(ConfigError, f"{config_file}: does not describe a model"):
             model_class, args_class = get_model_classes(config, media=towers)

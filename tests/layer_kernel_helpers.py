@@ -120,7 +120,7 @@ def tiny_args(**overrides) -> gemma4.ModelArgs:
         "enable_moe_block": True,
         "num_experts": 8,
         "top_k_experts": 2,
-        "moe_intermediate_size": 24,
+        "moe_intermediate_size": 32,
         "hidden_size_per_layer_input": 16,
         "vocab_size_per_layer_input": 128,
     }

@@ -18,7 +18,7 @@ from speculative_helpers import PartlyRightDrafter, noisy_copy, random_assistant
 
 from gemma_mlx.batching.scheduler import BatchScheduler
 from gemma_mlx.drafters import AssistantDrafter
-from gemma_mlx.errors import GemmaMLXError, OptionError
+from gemma_mlx.errors import GemmaMLXError, OptionError, OptionTypeError
 
 WINDOW = 16
 CHUNK = 16
@@ -159,6 +159,11 @@ def test_long_prompt_prefills_between_decoding_steps(case, tokenizer):
         running = {s.uid for s in scheduler.active} | {uid for uid, r in out if r.finish_reason}
         assert {uid for uid, _ in out} == set(decoding) & running
     assert prefill_steps == -(-199 // CHUNK)
+
+
+def test_a_model_without_a_batched_pass_is_refused(tokenizer):
+    with pytest.raises(OptionTypeError, match="needs a gemma_mlx model"):
+        BatchScheduler(object(), tokenizer, kv_budget=2**30)
 
 
 def test_a_drafter_object_is_refused(tokenizer):

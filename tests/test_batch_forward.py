@@ -144,3 +144,25 @@ def test_layout_rows_positions_and_masks():
 def test_bad_segment(length, keep):
     with pytest.raises(ValueError, match="segment"):
         Segment([], length, keep)
+
+
+@pytest.mark.parametrize("variant", ["31b", "e2b"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_batch_is_bitwise_each_alone(variant, dtype):
+    """MLX's CPU half-precision products compute each row on its own: in bfloat16 and float16
+    a ragged batch is bit for bit each sequence alone. (The MoE variant's expert products have no
+    half-precision CPU kernel in MLX, alone or batched.)"""
+    model = random_target(variant, window=WINDOW)
+    model.set_dtype(getattr(mx, dtype))
+    histories = [tokens(5, 13), tokens(40, 14), tokens(9, 15)]
+    new = [tokens(1, 16), tokens(1, 17), tokens(3, 18)]
+    solo = [model.make_cache() for _ in histories]
+    batched = [model.make_cache() for _ in histories]
+    for cache_s, cache_b, history in zip(solo, batched, histories, strict=True):
+        model(mx.array([history]), cache_s)
+        model(mx.array([history]), cache_b)
+    segments = [Segment(c, len(n), len(n)) for c, n in zip(batched, new, strict=True)]
+    got = model.batched(mx.array([t for n in new for t in n]), segments)
+    expected = mx.concatenate([model(mx.array([n]), c)[0] for c, n in zip(solo, new, strict=True)])
+    assert got.dtype == getattr(mx, dtype)
+    assert mx.array_equal(got, expected).item()

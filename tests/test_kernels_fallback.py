@@ -151,7 +151,7 @@ def test_speculative_loop_on_kernels(emulator, temperature):
     verify_kernels = {verify_kernel + "_chunks", verify_kernel}
     # the drafter's single-token steps run the fused layer kernels
     layer_kernels = {"projection", "projection_geglu", "residual_norm", "head_norm_rope"}
-    layer_kernels |= {"attention_chunks", "attention_combine"}
+    layer_kernels |= {"moe_residual", "attention_chunks", "attention_combine"}
     assert set(launched) == {"moe_route", "moe_dispatch"} | verify_kernels | layer_kernels
 
 

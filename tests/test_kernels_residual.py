@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from layer_kernel_helpers import DTYPES, host, launched, self_checked, tiny_args
@@ -119,3 +120,72 @@ def test_reference_equals_the_layer(dtype, offset):
     )
     for want, got in zip(composed, [first, normed, end], strict=True):
         assert mx.array_equal(want, got).item()
+
+
+# --- after the MoE block ----------------------------------------------------------------------
+
+
+def moe_operands(rows: int, dtype: mx.Dtype, scalar: bool = True, experts: int = 8, H: int = 2816):
+    """26B-A4B's layer end: H 2816, the top 8 experts' outputs and the router's weights."""
+    keys = mx.random.split(mx.random.key(rows), 7)
+    h = mx.random.normal((1, rows, H), key=keys[0]).astype(dtype)
+    m = (mx.random.normal((1, rows, H), key=keys[1]) * 3).astype(dtype)
+    y = (mx.random.normal((rows, experts, H), key=keys[2]) * 5).astype(dtype)
+    w = mx.random.uniform(0.05, 1.0, (1, rows, experts), key=keys[3])
+    weights = w / w.sum(axis=-1, keepdims=True)
+    norms = [
+        Norm(mx.random.uniform(-0.5, 1.5, (H,), key=k).astype(dtype), 1e-6)
+        for k in mx.random.split(keys[4], 3)
+    ]
+    s = mx.array([0.8], dtype) if scalar else None
+    return h, m, y, weights, *norms, s
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [1, 4], ids=["1 token", "verify window of 4"])
+def test_moe_residual_self_checked(emulator, rows, dtype):
+    args = moe_operands(rows, dtype)
+    got, launches = self_checked(emulator, lambda: residual.moe_residual(*args))
+    assert launches == 2
+    want = residual.moe_residual_reference(*args)
+    assert got.shape == want.shape == args[0].shape and got.dtype == dtype
+    assert normwise_mismatch(got, want, dtype) is None
+    if dtype != mx.float32:
+        assert np.mean(host(got) == host(want)) > 0.9
+
+
+def test_moe_residual_adversarial_orders(emulator):
+    args = moe_operands(1, mx.float32, scalar=False)
+    got, _ = launched(
+        emulator.variant(order="random", fma=True), lambda: residual.moe_residual(*args)
+    )
+    assert normwise_mismatch(got, residual.moe_residual_reference(*args), mx.float32) is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_moe_residual_reference_equals_the_layer(dtype):
+    """The layer's composed end of the MoE block (experts' weighted sum in `Experts`, the two
+    post-norms, the residual and the scalar), against the reference on the same modules."""
+    args = tiny_args()
+    layer = gemma4.DecoderLayer(args, 0)
+    layer.update(tree_map(lambda p: mx.random.uniform(0.5, 1.5, p.shape), layer.parameters()))
+    nn.quantize(layer.experts, 32, 4)  # half-precision expert products need quantized experts
+    layer.set_dtype(dtype)
+    h, x, f = (mx.random.normal((1, 3, args.hidden_size)).astype(dtype) for _ in range(3))
+    weights, ids = layer.router(h)
+    e = layer.experts(x, ids, weights)
+    composed = h + layer.post_feedforward_layernorm(
+        layer.post_feedforward_layernorm_1(f) + layer.post_feedforward_layernorm_2(e)
+    )
+    composed = composed * layer.layer_scalar
+    fused = residual.moe_residual_reference(
+        h,
+        f,
+        layer.experts.outputs(x, ids),
+        weights,
+        Norm.of(layer.post_feedforward_layernorm_1),
+        Norm.of(layer.post_feedforward_layernorm_2),
+        Norm.of(layer.post_feedforward_layernorm),
+        layer.layer_scalar,
+    )
+    assert mx.array_equal(composed, fused).item()

@@ -27,7 +27,7 @@ import pytest
 from emulator.harness import check_address_spaces
 from emulator.signature import Signature, signature
 
-from gemma_mlx.kernels import drafter_head, moe, verify
+from gemma_mlx.kernels import drafter_head, moe, q6k, verify
 from gemma_mlx.kernels.backend import active_kernels, use_kernel_factory
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -212,6 +212,23 @@ def head_case(centroids: int, cluster: int, width: int, top_k: int, bits: int):
     return make
 
 
+def q6k_rows_case(ids: int):
+    def make(dtype):
+        blocks = mx.zeros((64, 6 * q6k.BLOCK_BYTES), mx.uint8)
+        return (lambda b, i: q6k.rows(b, i, dtype)), [blocks, mx.zeros((ids,), mx.int32)]
+
+    return make
+
+
+def q6k_matmul_case(rows: int, out_dtype: mx.Dtype | None):
+    def make(dtype):
+        blocks = mx.zeros((64, 6 * q6k.BLOCK_BYTES), mx.uint8)
+        x = mx.zeros((rows, 1536), dtype)
+        return (lambda a, b: q6k.matmul(a, b, out_dtype or dtype)), [x, blocks]
+
+    return make
+
+
 # What our kernels do not use but MLX's signature writer handles: a scalar input (`&`), shape,
 # strides and ndim parameters, atomic outputs, dtype/int/bool template arguments, init_value.
 PROBE = """
@@ -258,6 +275,10 @@ CASES = {
     "sampling verify, one-hot drafts K=7": sampling_case(7, 262_144, draft_probs=False),
     "drafter head E2B, float table": head_case(2048, 128, 256, 32, bits=0),
     "drafter head, 4-bit table": head_case(2048, 128, 256, 32, bits=4),
+    "Q6_K lookup, one token (ids as constant)": q6k_rows_case(ids=1),
+    "Q6_K lookup, 16 tokens": q6k_rows_case(ids=16),
+    "Q6_K head, decode (float32 logits)": q6k_matmul_case(rows=1, out_dtype=mx.float32),
+    "Q6_K projection, verify window of 8": q6k_matmul_case(rows=8, out_dtype=None),
 }
 
 

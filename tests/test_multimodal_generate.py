@@ -12,9 +12,9 @@ import subprocess
 import sys
 
 import mlx.core as mx
-import numpy as np
 import pytest
 from multimodal_chat_model import write_audio, write_image, write_multimodal_model
+from PIL import Image
 from tiny_chat_model import write_model
 
 import gemma_mlx
@@ -76,9 +76,47 @@ def test_load_takes_the_towers_when_present(files, loaded):
         gemma_mlx.load(files["text_model"], media=True)
 
 
-@pytest.mark.parametrize("kinds", [("image",), ("audio",), ("image", "audio")])
-def test_stream_generate_with_media_matches_the_uncached_model(files, loaded, kinds):
+def test_a_text_only_export_with_a_multimodal_config_loads_as_text(files, tmp_path):
+    """config.json describes towers, the weights hold none: `media=None` loads the text model."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    copy = tmp_path / "text-export"
+    shutil.copytree(files["model"], copy)
+    weights = load_file(copy / "model.safetensors")
+    text = {k: v for k, v in weights.items() if ".language_model." in k}
+    assert len(text) < len(weights)
+    save_file(text, copy / "model.safetensors", metadata={"format": "pt"})
+    model, _ = gemma_mlx.load(copy)
+    assert getattr(model, "media_args", None) is None
+    with pytest.raises(MediaError, match="describes vision/audio towers but the weights hold none"):
+        gemma_mlx.load(copy, media=True)
+
+
+def test_a_directory_in_our_own_names_loads_the_same_model(files, loaded, tmp_path):
+    """What a converter writing the towers would produce: our module names (sanitize is
+    idempotent), the checkpoint's nested config.json. Same weights, same soft tokens."""
+    import shutil
+
+    from mlx.utils import tree_flatten
+
     model, tokenizer = loaded
+    copy = tmp_path / "ours-it"
+    copy.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(files["model"] / name, copy / name)
+    mx.save_safetensors(str(copy / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    again, _ = gemma_mlx.load(copy)
+    assert model_fingerprint(again) == model_fingerprint(model)
+    messages = [user(("image", files["image"]), ("audio", files["audio"]))]
+    prompts = [prepare_prompt(m, tokenizer, messages, max_soft_tokens=SOFT) for m in (model, again)]
+    assert mx.array_equal(prompts[0].media.embeddings, prompts[1].media.embeddings)
+
+
+def test_stream_generate_with_media_matches_the_uncached_model(files, loaded):
+    model, tokenizer = loaded
+    kinds = ("image", "audio")
     messages = [user(*[(kind, files[kind]) for kind in kinds])]
     prompt = prepare_prompt(model, tokenizer, messages, max_soft_tokens=SOFT)
     assert [item.kind for item in prompt.media.items] == list(kinds)
@@ -88,12 +126,15 @@ def test_stream_generate_with_media_matches_the_uncached_model(files, loaded, ki
         model, tokenizer, messages, max_tokens=10, max_soft_tokens=SOFT, prefill_step_size=16
     )
     assert got == expected
-    # The soft tokens matter: another image gives other logits.
-    if "image" in kinds:
-        other = prepare_prompt(
-            model, tokenizer, [user(("image", files["other_image"]))], max_soft_tokens=SOFT
-        )
-        assert other.media.items[0].key != prompt.media.items[0].key
+    # The soft tokens reach the logits: the same image upside down, same tokens, other logits.
+    flipped = Image.open(files["image"]).transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+    other = prepare_prompt(
+        model, tokenizer, [user(("image", flipped), ("audio", files["audio"]))],
+        max_soft_tokens=SOFT,
+    )  # fmt: skip
+    assert other.tokens == prompt.tokens and other.media.items != prompt.media.items
+    last = [model(mx.array([p.tokens]), media=p.media)[0, -1] for p in (prompt, other)]
+    assert mx.abs(last[0] - last[1]).max().item() > 1e-3
 
 
 def test_text_prompt_takes_images_at_its_start(files, loaded):
@@ -109,6 +150,17 @@ def test_text_prompt_takes_images_at_its_start(files, loaded):
     got = tokens_of(model, tokenizer, "describe", images=[files["image"]], max_tokens=6,
                     max_soft_tokens=SOFT)  # fmt: skip
     assert got == reference_greedy(model, prompt, 6)
+
+
+def test_images_given_apart_go_with_the_last_user_message(files, loaded):
+    model, tokenizer = loaded
+    messages = [{"role": "user", "content": "describe this"}]
+    apart = prepare_prompt(model, tokenizer, messages, images=files["image"], max_soft_tokens=SOFT)
+    parts = prepare_prompt(
+        model, tokenizer, [user(("image", files["image"]))], max_soft_tokens=SOFT
+    )
+    assert apart.tokens == parts.tokens
+    assert apart.media.items == parts.media.items
 
 
 def test_drafting_with_media_gives_the_same_tokens(files, loaded):
@@ -130,7 +182,7 @@ def test_media_errors_come_before_any_work(files, loaded, tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(files["image"].read_bytes()[:60])
     cache = model.make_cache()
-    with pytest.raises(MediaError, match="broken.png"):
+    with pytest.raises(MediaError, match=r"broken\.png"):
         next(stream_generate(model, tokenizer, [user(("image", files["image"]), ("image", broken))],
                              prompt_cache=cache, max_soft_tokens=SOFT))  # fmt: skip
     assert cache[0].offset == 0  # nothing prefilled
@@ -197,10 +249,7 @@ def test_chat_session_does_not_reuse_another_images_cache(files, loaded):
     session = ChatSession(model, tokenizer, max_tokens=4, max_soft_tokens=SOFT)
     session.send("look", images=[files["image"]])
     session.messages, kept = [], list(session.tokens)
-    flipped = np.asarray(gemma_mlx.media.image.open_image(files["image"]))[::-1].copy()
-    from PIL import Image
-
-    other = Image.fromarray(flipped)
+    other = Image.open(files["image"]).transpose(Image.Transpose.FLIP_TOP_BOTTOM)
     got = [r.token for r in session.stream("look", images=[other])]
     prompt = prepare_prompt(model, tokenizer, [user(("image", other), text="look")],
                             max_soft_tokens=SOFT)  # fmt: skip
@@ -267,3 +316,19 @@ def test_command_line_media_errors_are_one_line(files, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("gemma-mlx: error: "), err
         assert message in err, err
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_session_with_media_saves_and_continues(files, tmp_path, dtype):
+    """What a Mac computes: soft tokens and caches in half precision survive a saved session
+    bit for bit (the continuation equals the unsaved session's)."""
+    model, tokenizer = gemma_mlx.load(files["model"], dtype=dtype)
+    session = ChatSession(model, tokenizer, max_tokens=4, max_soft_tokens=SOFT)
+    session.send("what is this", images=files["image"])
+    (encoded,) = session.encoded.values()
+    assert encoded.dtype == getattr(mx, dtype)
+    path = tmp_path / "half.safetensors"
+    session.save(path)
+    restored = ChatSession.load(path, model, tokenizer, max_tokens=4, max_soft_tokens=SOFT)
+    assert mx.array_equal(next(iter(restored.encoded.values())), encoded)
+    assert restored.send("and?") == session.send("and?")

@@ -168,3 +168,15 @@ def test_gguf_cache_entry_is_keyed_by_the_converter_format(tmp_path, monkeypatch
     monkeypatch.setattr(convert_package, "FORMAT_VERSION", convert_package.FORMAT_VERSION + 1)
     second = hub.resolve_model(source)
     assert second != first and len(calls) == 2
+
+
+def test_kv_budget_reads_the_compute_dtype_of_a_q6_k_embedding(exact_dir):
+    """Continuous batching sizes KV caches by the model's compute dtype, which a Q6_K embedding
+    (uint8 blocks, no scales) gives through its lookups' dtype."""
+    from gemma_mlx.batching.memory import sequence_kv_bytes
+
+    out, _ = exact_dir
+    blocks = load_model(out, dtype="bfloat16", dequantize=False)
+    dense = load_model(out, dtype="bfloat16", dequantize=True)
+    assert isinstance(blocks.model.embed_tokens, Q6KEmbedding)
+    assert sequence_kv_bytes(blocks, 40, 4, 8) == sequence_kv_bytes(dense, 40, 4, 8) > 0

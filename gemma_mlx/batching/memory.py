@@ -29,7 +29,11 @@ def _itemsize(model: Any) -> int:
     scales' of a quantized embedding)."""
     embed = model.model.embed_tokens
     weight = embed.weight
-    return (weight if mx.issubdtype(weight.dtype, mx.floating) else embed.scales).dtype.size
+    if mx.issubdtype(weight.dtype, mx.floating):
+        return weight.dtype.size
+    if "scales" not in embed:  # GGUF Q6_K blocks (models.q6k): the dtype its lookups return
+        return embed.compute_dtype.size
+    return embed.scales.dtype.size
 
 
 def sequence_kv_bytes(model: Any, total_tokens: int, max_trim: int, chunk: int) -> int:

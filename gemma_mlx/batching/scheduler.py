@@ -16,7 +16,8 @@ the request's id. Within a step:
 - A sequence that finished (end of turn, stop string, length) or was cancelled leaves before the
   next step, and its memory goes back to the budget.
 
-One host synchronization per step: the chosen tokens of every sequence come back in one array.
+One host synchronization per step: the chosen tokens of every sequence come back in one array;
+without drafts the next pass is queued before it (see `step`).
 """
 
 from __future__ import annotations
@@ -32,22 +33,24 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from gemma_mlx.batching.memory import default_budget, pass_activation_bytes, sequence_kv_bytes
+from gemma_mlx.batching.passes import Feed, Pass, choose, commit
 from gemma_mlx.batching.sequence import BatchSequence
 from gemma_mlx.batching.speculation import SequenceDraft, draft_planner
-from gemma_mlx.decode import TokenStep, default_prefill_step_size, log_softmax
+from gemma_mlx.decode import default_prefill_step_size
 from gemma_mlx.drafters import make_drafter
 from gemma_mlx.errors import OptionError, OptionTypeError
 from gemma_mlx.generate import GenerationResponse, check_generation_options, encode_prompt
 from gemma_mlx.generate import _check_length as clipped_to_context  # stream_generate's own rule
 from gemma_mlx.options import check_callable, check_int
-from gemma_mlx.ragged import Segment
 from gemma_mlx.sample import FilteredSampler, greedy, make_logits_processors, make_sampler
-from gemma_mlx.speculative import Drafter, Proposal, check_trimmable
+from gemma_mlx.speculative import Drafter, check_trimmable
 
 # (request id, tokens, caches): see `BatchScheduler`'s hooks.
 CacheHook = Callable[[int, list[int], list], None]
 # Options of `stream_generate` that belong to the scheduler, not to one request.
 ENGINE_OPTIONS = ("draft", "num_draft", "token_generator", "prefill_step_size", "prompt_progress")
+# Options of `stream_generate` for multimodal prompts, which the batched pass does not take.
+MEDIA_OPTIONS = ("images", "audio")
 # Extra positions sliding-window caches keep (the model's default), enough for any draft length.
 DEFAULT_MAX_TRIM = 32
 
@@ -62,45 +65,6 @@ class BatchCounters:
     generated_tokens: int = 0
     decode_tokens: int = 0
     decode_time: float = 0.0
-
-
-@dataclass
-class _Feed:
-    """A sequence's rows in a step's pass: a prefill chunk, or its newest token and drafts."""
-
-    sequence: BatchSequence
-    tokens: mx.array
-    prefill: bool = False
-    proposal: Proposal | None = None  # drafting sequences (possibly no drafts)
-    history: list[int] | None = None  # decoding: the committed tokens before `tokens`
-
-    @property
-    def segment(self) -> Segment:
-        n = self.tokens.shape[0]
-        return Segment(self.sequence.cache, n, 0 if self.prefill else n)
-
-
-@dataclass
-class _Pass:
-    """A launched forward pass: its feeds, what it decides (lazy), when it was launched."""
-
-    decode_feeds: list[_Feed]
-    prefill_feeds: list[_Feed]
-    choices: list[_Choice]
-    hidden: mx.array
-    rows: int
-    start: float
-
-
-@dataclass
-class _Choice:
-    """What a decoding sequence's rows decide, lazily: `result` is [token] for plain decoding,
-    [accepted, *drafts, token] for a verify; `logprobs` [rows, V] of the processed logits."""
-
-    feed: _Feed
-    first_row: int
-    logprobs: mx.array
-    result: mx.array
 
 
 class BatchScheduler:
@@ -158,7 +122,7 @@ class BatchScheduler:
         self._uids = itertools.count()
         self._by_uid: dict[int, BatchSequence] = {}
         self.counters = BatchCounters()
-        self._inflight: _Pass | None = None  # queued, its tokens not read yet
+        self._inflight: Pass | None = None  # queued, its tokens not read yet
         self._last_read = 0.0  # when a pass's tokens were last read
 
     # --- requests -------------------------------------------------------------------------
@@ -170,6 +134,9 @@ class BatchScheduler:
         for name in ENGINE_OPTIONS:
             if name in options:
                 raise OptionError(f"{name} is an option of the batch scheduler, not of a request")
+        for name in MEDIA_OPTIONS:
+            if options.get(name) is not None:
+                raise OptionError(f"{name}: continuous batching takes text prompts only")
         check_generation_options(self.model, {"max_tokens": max_tokens, **options})
         ids = encode_prompt(self.tokenizer, prompt, options.get("chat_template_kwargs"))
         max_tokens = clipped_to_context(self.model, len(ids), max_tokens)
@@ -291,7 +258,7 @@ class BatchScheduler:
     def _pipelined(self) -> bool:
         return all(s.draft is None for s in self.active)
 
-    def _launch(self) -> _Pass | None:
+    def _launch(self) -> Pass | None:
         """Build the next pass over every running sequence and queue it (no host sync)."""
         decoding = [s for s in self.active if not s.prefilling and s.unscheduled > 0]
         decode_feeds = self._decode_feeds(decoding)
@@ -302,7 +269,7 @@ class BatchScheduler:
         start = time.perf_counter()
         inputs = mx.concatenate([f.tokens for f in feeds])
         logits, hidden = self.model.batched(inputs, [f.segment for f in feeds], return_hidden=True)
-        choices = self._choose(decode_feeds, logits)
+        choices = choose(decode_feeds, logits)
         for f in prefill_feeds:
             f.sequence.prefilled_chunk(f.tokens.shape[0])  # this pass writes them
             if self.on_prefilled is not None and not f.sequence.prefilling:
@@ -312,9 +279,9 @@ class BatchScheduler:
         mx.async_eval(
             [c.result for c in choices], [c.state for f in prefill_feeds for c in f.sequence.cache]
         )
-        return _Pass(decode_feeds, prefill_feeds, choices, hidden, inputs.shape[0], start)
+        return Pass(decode_feeds, prefill_feeds, choices, hidden, inputs.shape[0], start)
 
-    def _finish(self, done: _Pass) -> list[tuple[int, GenerationResponse]]:
+    def _finish(self, done: Pass) -> list[tuple[int, GenerationResponse]]:
         """Read a pass's tokens (the one host sync of a step) and hand them out."""
         results = [c.result for c in done.choices]
         if results:
@@ -328,7 +295,7 @@ class BatchScheduler:
             s = choice.feed.sequence
             s.unschedule(choice.result)
             if not s.finished:  # else it ended (or was cancelled) while this pass ran
-                out += self._commit(choice, values[:size], done.hidden)
+                out += commit(choice, values[:size], done.hidden)
             values = values[size:]
         now = time.perf_counter()
         seconds = now - max(done.start, self._last_read)  # passes overlap: count each second once
@@ -349,51 +316,7 @@ class BatchScheduler:
             counters.decode_tokens += len(out)
             counters.decode_time += seconds
 
-    def _choose(self, feeds: list[_Feed], logits: mx.array) -> list[_Choice]:
-        """Each decoding sequence's token (its processors, then its sampler; greedy rows in one
-        argmax), or its verify of its drafts."""
-        choices, plain, row = [], [], 0
-        for f in feeds:
-            rows = logits[row : row + f.tokens.shape[0]]
-            s = f.sequence
-            processed = s.processed(rows, f.history, f.tokens)
-            if f.proposal is None:
-                plain.append((f, row, processed))
-            else:
-                result = s.draft.verify(processed, f.proposal)
-                choices.append(_Choice(f, row, log_softmax(processed), result))
-            row += f.tokens.shape[0]
-        if plain:
-            logprobs = log_softmax(mx.concatenate([p for _, _, p in plain]))
-            best = mx.argmax(logprobs, axis=-1)
-            for i, (f, first_row, _) in enumerate(plain):
-                lp = logprobs[i : i + 1]
-                token = best[i : i + 1] if f.sequence.is_greedy else f.sequence.sampler(lp)
-                choices.append(_Choice(f, first_row, lp, token.astype(mx.int32)))
-        return choices
-
-    def _commit(
-        self, choice: _Choice, values: list[int], hidden: mx.array
-    ) -> list[tuple[int, GenerationResponse]]:
-        """Hand a sequence its new tokens; after a verify, trim its caches by the rejected
-        drafts and update its drafter."""
-        s = choice.feed.sequence
-        proposal = choice.feed.proposal
-        if proposal is None:
-            steps = [TokenStep(values[0], choice.logprobs[0])]
-            return [(s.uid, r) for r in s.commit(steps)]
-        k, n = proposal.tokens.shape[0], values[0]
-        for c in s.cache:
-            c.trim(k - n)
-        new_tokens = [*values[1 : 1 + n], values[-1]]
-        steps = [TokenStep(t, choice.logprobs[i], i < n) for i, t in enumerate(new_tokens)]
-        responses = s.commit(steps)
-        if not s.finished:
-            row = choice.first_row + n
-            s.draft.commit(k, n, hidden[row : row + 1])
-        return [(s.uid, r) for r in responses]
-
-    def _decode_feeds(self, decoding: list[BatchSequence]) -> list[_Feed]:
+    def _decode_feeds(self, decoding: list[BatchSequence]) -> list[Feed]:
         """The newest token of every decoding sequence, and the drafts the planner grants."""
         ready = [s for s in decoding if s.draft is not None and s.draft.ready and s.unscheduled > 1]
         ks = dict.fromkeys(map(id, decoding), 0)
@@ -405,26 +328,26 @@ class BatchScheduler:
         feeds = []
         for s in decoding:
             if s.pending is not None:  # the token the queued pass chooses
-                feeds.append(_Feed(s, s.pending, history=list(s.tokens)))
+                feeds.append(Feed(s, s.pending, history=list(s.tokens)))
                 continue
             last = mx.array(s.tokens[-1:], dtype=mx.int32)
             history = s.tokens[:-1]
             if s.draft is None:
-                feeds.append(_Feed(s, last, history=history))
+                feeds.append(Feed(s, last, history=history))
             else:
                 proposal = s.draft.propose(ks[id(s)])
                 inputs = mx.concatenate([last, proposal.tokens])
-                feeds.append(_Feed(s, inputs, proposal=proposal, history=history))
+                feeds.append(Feed(s, inputs, proposal=proposal, history=history))
         return feeds
 
-    def _prefill_feeds(self) -> list[_Feed]:
+    def _prefill_feeds(self) -> list[Feed]:
         budget, feeds = self.chunk, []
         for s in self.active:
             if budget == 0:
                 break
             if s.prefilling:
                 chunk = s.prefill_chunk(budget)
-                feeds.append(_Feed(s, mx.array(chunk, dtype=mx.int32), prefill=True))
+                feeds.append(Feed(s, mx.array(chunk, dtype=mx.int32), prefill=True))
                 budget -= len(chunk)
         return feeds
 

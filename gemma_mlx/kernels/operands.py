@@ -2,8 +2,8 @@
 
 Each is a small record of arrays and numbers with the composed MLX op it stands for
 (`__call__`), written as the model's own modules compute it, so that a fused operation's
-reference path is the model's composed code, bit for bit (tests/test_kernels_layer_refs.py
-checks it against the modules). Models build them from their modules (`Norm.of`, `Matrix.of`,
+reference path is the model's composed code, bit for bit (the tests/test_kernels_*.py of each
+operation check it against the modules). Models build them from their modules (`Norm.of`, `Matrix.of`,
 `Rotary.of`) by attribute; nothing here imports the models.
 """
 
@@ -187,6 +187,8 @@ def float_constants(values: tuple[float, ...]) -> mx.array:
     return mx.array(values, mx.float32)
 
 
+@cache
 def rounded(value: float, dtype: mx.Dtype) -> float:
-    """`value` rounded to `dtype`, back as a Python float."""
+    """`value` rounded to `dtype`, back as a Python float (once per value: no call into MLX on
+    a decode step)."""
     return mx.array(value, dtype).item()

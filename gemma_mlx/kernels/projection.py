@@ -4,8 +4,8 @@
   input norm and its q, k, v projections (one launch for four MLX kernels), the MoE router's
   norm, logits and their float32 cast (one for three);
 - `project_geglu`: gelu_approx(gate . x) * (up . x), or times a given vector: the MLP's gate,
-  up and GeGLU (one launch for three MLX kernels: two products, the compiled GeGLU), the
-  per-layer-input gate of E2B/E4B.
+  up and GeGLU (one launch for four MLX kernels: two products and the compiled GeGLU's two),
+  the per-layer-input gate of E2B/E4B (one for three).
 
 `metal/projection.metal`, `metal/projection_geglu.metal`, their arithmetic in
 `metal/projection.h`: dense or affine 2/4/8-bit matrices (the QAT checkpoints are 4-bit, group

@@ -13,11 +13,13 @@ holds the keys as JSON (`to_json` / `from_json`), not the files.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from gemma_mlx.errors import MediaError
+from gemma_mlx.errors import MediaError, OptionError, OptionTypeError
 from gemma_mlx.media.prompt import EncodedMedia
+from gemma_mlx.options import check_text
 
 KINDS = ("image", "audio")
 # The keys transformers' templates and processors accept for a part's source.
@@ -96,3 +98,57 @@ def from_json(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         return source
 
     return map_sources(messages, read)
+
+
+def media_list(name: str, value: Any) -> list[Any]:
+    """`images=`/`audio=` as a list: one source (a path, bytes, data URL, PIL image, or for audio
+    (samples, sampling rate)) or a list of them."""
+    if value is None:
+        return []
+    one = isinstance(value, (str, bytes, os.PathLike, EncodedMedia)) or hasattr(value, "getbands")
+    if name == "audio" and isinstance(value, tuple) and len(value) == 2:
+        one = isinstance(value[1], int) and not isinstance(value[1], bool)
+    if one:
+        return [value]
+    if not isinstance(value, Sequence):
+        raise OptionTypeError(f"{name} must be a source or a list of sources, got {value!r}")
+    return list(value)
+
+
+def media_content(images: Sequence[Any], audio: Sequence[Any]) -> list[dict[str, Any]]:
+    """Content parts for `images` and `audio`: the images, then the clips."""
+    return [
+        *({"type": "image", "image": image} for image in images),
+        *({"type": "audio", "audio": clip} for clip in audio),
+    ]
+
+
+def user_content(
+    message: str | Sequence[Mapping[str, Any]], images: Any, audio: Any
+) -> str | list[Mapping[str, Any]]:
+    """A user message's content: the text, or content parts (images, then audio, then the text)."""
+    images, audio = media_list("images", images), media_list("audio", audio)
+    if not isinstance(message, str):
+        if images or audio:
+            raise OptionError("give images and audio as content parts or as images=/audio=")
+        if not isinstance(message, Sequence) or not all(isinstance(p, Mapping) for p in message):
+            raise OptionTypeError("message must be a string or a list of content parts (dicts)")
+        return list(message)
+    check_text("message", message)
+    if not images and not audio:
+        return message
+    return [*media_content(images, audio), {"type": "text", "text": message}]
+
+
+def attach_media(
+    messages: Sequence[Mapping[str, Any]], images: Sequence[Any], audio: Sequence[Any]
+) -> list[dict[str, Any]]:
+    """`messages` with `images` and `audio` as content parts in front of the last user message."""
+    out = [dict(m) for m in messages]
+    last = next((m for m in reversed(out) if m.get("role") == "user"), None)
+    if last is None:
+        raise OptionError("images and audio need a user message to go with")
+    content = last.get("content")
+    text = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+    last["content"] = [*media_content(images, audio), *text]
+    return out

@@ -26,7 +26,7 @@ from gemma_mlx.kernels.heads import attention_heads
 from gemma_mlx.kernels.moe import dispatch, dispatch_pays, route
 from gemma_mlx.kernels.operands import Matrix, Norm, Rotary
 from gemma_mlx.kernels.projection import project, project_geglu
-from gemma_mlx.kernels.residual import residual
+from gemma_mlx.kernels.residual import moe_residual, residual
 from gemma_mlx.models.base import (
     ConfigError,
     RMSNorm,
@@ -400,12 +400,15 @@ class SwitchGLU(nn.Module):
 
     def __call__(self, x: mx.array, ids: mx.array, weights: mx.array) -> mx.array:
         """sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) for x [N, H], ids/weights [N, k]."""
+        y = self.outputs(x, ids)
+        return (y * mx.expand_dims(weights, -1).astype(y.dtype)).sum(axis=-2)
+
+    def outputs(self, x: mx.array, ids: mx.array) -> mx.array:
+        """Expert outputs [N, k, H] for x [N, H], ids [N, k], before their weighting."""
         N, k = ids.shape
         if dispatch_pays(N * k, self.gate_proj.num_experts):
-            y = self.grouped(x, ids)
-        else:
-            y = self.per_pair(x, ids)
-        return (y * mx.expand_dims(weights, -1).astype(y.dtype)).sum(axis=-2)
+            return self.grouped(x, ids)
+        return self.per_pair(x, ids)
 
     def per_pair(self, x: mx.array, ids: mx.array) -> mx.array:
         """Expert outputs [N, k, H], each (token, expert) pair multiplied where it stands."""
@@ -437,6 +440,11 @@ class Experts(nn.Module):
         k = ids.shape[-1]
         y = self.switch_glu(x.reshape(-1, x.shape[-1]), ids.reshape(-1, k), weights.reshape(-1, k))
         return y.reshape(x.shape)
+
+    def outputs(self, x: mx.array, ids: mx.array) -> mx.array:
+        """The routed experts' outputs [N, k, H] for x [..., H] (N rows), ids [..., k]."""
+        k = ids.shape[-1]
+        return self.switch_glu.outputs(x.reshape(-1, x.shape[-1]), ids.reshape(-1, k))
 
 
 class DecoderLayer(nn.Module):
@@ -498,15 +506,19 @@ class DecoderLayer(nn.Module):
         post = Norm.of(self.post_attention_layernorm)
         h, normed = residual(x, a, post, None, [Norm.of(n) for n in inputs])
         f = self.mlp(normed[0])
+        scalar = self.get("layer_scalar")
+        end_scalar = None if self.ple_dim else scalar  # the scalar ends the layer
+        post = Norm.of(self.post_feedforward_layernorm)
         if self.moe:
             weights, ids = self.router(h)
-            e = self.experts(normed[1], ids, weights)
-            f = self.post_feedforward_layernorm_1(f) + self.post_feedforward_layernorm_2(e)
-        scalar = self.get("layer_scalar")
-        post = Norm.of(self.post_feedforward_layernorm)
+            y = self.experts.outputs(normed[1], ids)
+            post1 = Norm.of(self.post_feedforward_layernorm_1)
+            post2 = Norm.of(self.post_feedforward_layernorm_2)
+            out = moe_residual(h, f, y, weights, post1, post2, post, end_scalar)
+        else:
+            out = residual(h, f, post, end_scalar)[0]
         if not self.ple_dim:
-            return residual(h, f, post, scalar)[0]
-        out = residual(h, f, post)[0]
+            return out
         g = project_geglu(out, Matrix.of(self.per_layer_input_gate), per_layer_input)
         post = Norm.of(self.post_per_layer_input_norm)
         return residual(out, self.per_layer_projection(g), post, scalar)[0]

@@ -22,6 +22,7 @@ file ends with the cost model's batch table (`benchmarks.batch_cost`) for the re
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -202,7 +203,11 @@ def speculative(source_dir: Path, tokens: int, batch: int = 4) -> tuple[Run, Run
 
 
 def markdown(
-    machine, table: dict[str, list[tuple[int, Run, Run | None]]], spec, tokens: int
+    machine,
+    table: dict[str, list[tuple[int, Run, Run | None]]],
+    spec,
+    tokens: int,
+    loads: tuple[float, float],
 ) -> str:
     lines = [
         "# Continuous batching: aggregate decode tokens/s, gemma_mlx against mlx-lm",
@@ -214,7 +219,9 @@ def markdown(
         f"{tokens} tokens per sequence; aggregate = tokens of all sequences per second once "
         "every sequence decodes (prompt processing excluded). Same weights for both (mlx-lm's "
         "model class holding our loaded float32 weights); mlx-lm's products as sgemm, as in its "
-        "own process, ours routed (1 row sgemv, 2-8 rows the few-row kernel, more sgemm).",
+        "own process, ours routed (1 row sgemv, 2-8 rows the few-row kernel, more sgemm). "
+        f"Load average (1 min) at the start and end: {loads[0]:.1f}, {loads[1]:.1f} (other "
+        "processes on the machine slow both engines; compare the columns of one row).",
         "",
         "| model | batch | gemma_mlx tok/s | x batch 1 | mlx-lm tok/s | gemma_mlx / mlx-lm "
         "| peak GB ours / mlx-lm | same tokens |",
@@ -266,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.tokens < 2:
             raise BenchmarkError(f"--tokens must be >= 2, got {args.tokens}")
         machine = describe(measure_bandwidth=False)
+        load_at_start = os.getloadavg()[0]
         table = {}
         for name in [m for m in args.models.split(",") if m]:
             model = None if name == "builtin" else name
@@ -284,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchmarkError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    text = markdown(machine, table, spec, args.tokens)
+    text = markdown(machine, table, spec, args.tokens, (load_at_start, os.getloadavg()[0]))
     out = args.out or RESULTS / f"batch-{machine.label}.md"
     write_file_atomically(out, lambda path: path.write_text(text), force=True)
     print(text)

@@ -4,8 +4,9 @@
                                [--clients 1,4,16] [--max-tokens 32] [--agent-turns 8]
 
 Each server runs alone as a subprocess (`python -m gemma_mlx.server`, `mlx_lm.server`) on the
-same model directory (default: the built-in Gemma 3 270M's converted directory), one after the
-other, and gets the same requests: streamed `/v1/completions` (the built-in model is a base model)
+same model directory (default: the built-in Gemma 3 270M's converted directory; when that keeps
+Q6_K blocks mlx-lm cannot load, the GGUF converted again with `requant_bits=8` for both), one
+after the other, and gets the same requests: streamed `/v1/completions` (the built-in model is a base model)
 from 1, 4 and 16 concurrent clients, each client sending as many requests as the largest client
 count divided by its own count (16 requests per scenario at the defaults), distinct text prompts;
 then an agent workload: one conversation of `--agent-turns` turns, each request re-sending the
@@ -129,6 +130,41 @@ def run_mlx_lm_server(model: str, port: int, max_tokens: int) -> None:
     sys.argv = ["mlx_lm.server", "--model", model, "--port", str(port), "--max-tokens",
                 str(max_tokens), "--log-level", "WARNING"]  # fmt: skip
     mlx_lm_server.main()
+
+
+# Quantization modes `mlx_lm.load` knows; ours add e.g. `gguf_q6_k` (a GGUF's Q6_K blocks, kept
+# exactly by the default conversion).
+MLX_LM_MODES = {"affine", "mxfp4", "nvfp4", "mxfp8"}
+
+
+def mlx_lm_loads(model_dir: Path) -> bool:
+    """Whether every weight of a converted directory is stored in a mode mlx-lm can load."""
+    quantization = json.loads((model_dir / "config.json").read_text()).get("quantization") or {}
+    entries = [quantization, *(v for v in quantization.values() if isinstance(v, dict))]
+    return {e.get("mode", "affine") for e in entries} <= MLX_LM_MODES
+
+
+def served_directory(model: str | None, peers: Sequence[str], workdir: Path) -> Path:
+    """The directory every server loads. Against a peer, when the model's own conversion keeps
+    weights mlx-lm cannot load (a GGUF's Q6_K blocks), the GGUF converted again with Q6_K
+    requantized to 8 bits (`requant_bits=8`, the mlx-lm-compatible conversion) into `workdir`:
+    both servers then load the same weights."""
+    from gemma_mlx.convert import convert
+
+    from gemma_mlx.builtin import builtin_gguf
+    from gemma_mlx.hub import resolve_model
+
+    model_dir = resolve_model(model)
+    if not peers or mlx_lm_loads(model_dir):
+        return model_dir
+    if model is not None and not model.endswith(".gguf"):
+        raise ServeBenchmarkError(
+            f"{model}: mlx-lm cannot load this directory's quantization; give --model the .gguf "
+            "it came from, or a directory converted with --requant-bits 8"
+        )
+    gguf = builtin_gguf() if model is None else Path(model)
+    convert(gguf, workdir / "requant8", progress=False, requant_bits=8)
+    return workdir / "requant8"
 
 
 @contextmanager
@@ -279,7 +315,11 @@ def markdown(records: list[dict[str, Any]]) -> list[str]:
         "processed / sent |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for key in sorted(newest):
+    order = {
+        key: (*key[:3], r["scenario"].startswith("agent"), r["clients"])
+        for key, r in newest.items()
+    }
+    for key in sorted(newest, key=order.__getitem__):  # scenarios by client count, agent last
         r = newest[key]
         ttft = r["ttft_s"]
         sent = sum(r["prompt_tokens"])
@@ -314,27 +354,29 @@ def benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
     by scenario in turn, so that load from other processes falls on all of them alike."""
     from benchmarks.machine import describe
     from benchmarks.run import git_commit
-    from gemma_mlx.hub import resolve_model
 
     clients = [int(c) for c in args.clients.split(",")]
     if not clients or min(clients) < 1 or args.max_tokens < 1 or args.agent_turns < 1:
         raise ServeBenchmarkError("--clients, --max-tokens and --agent-turns must be >= 1")
-    model_dir = resolve_model(args.model)
-    model = str(model_dir)
     machine = describe(measure_bandwidth=False)
-    base = {
-        "benchmark": SERVE, "schema": SCHEMA,
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(), "machine": machine.as_dict(),
-        "model": {"label": Path(args.model).name if args.model else "builtin-270m", "path": model},
-        "max_tokens": args.max_tokens,
-    }  # fmt: skip
     ports = [free_port() for _ in range(1 + len(args.vs))]
-    started = servers(model_dir, args.vs, args.max_tokens, ports)
     urls = [f"http://127.0.0.1:{port}" for port in ports]
     scenarios = [(f"{n} clients", n) for n in clients] + [(f"agent {args.agent_turns} turns", 1)]
     records = []
     with ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="serve-")))
+        model_dir = served_directory(args.model, args.vs, workdir)
+        model = str(model_dir)
+        label = Path(args.model).name if args.model else "builtin-270m"
+        if model_dir.parent == workdir:
+            label += " (Q6_K as 8-bit)"
+        base = {
+            "benchmark": SERVE, "schema": SCHEMA,
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "commit": git_commit(), "machine": machine.as_dict(),
+            "model": {"label": label, "path": model}, "max_tokens": args.max_tokens,
+        }  # fmt: skip
+        started = servers(model_dir, args.vs, args.max_tokens, ports)
         for server, url in zip(started, urls, strict=True):
             stack.enter_context(running(server, url))
             complete(url, model, prompts(1, first=400)[0], 4)  # warm-up

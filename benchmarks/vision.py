@@ -18,8 +18,8 @@ one prompt of `--text-tokens` text tokens around the image's soft tokens. Measur
   first step), as prompt tokens per second; the first generated tokens are compared too.
 
 Both run in this process with the same BLAS; the products here have many rows, so the few-row
-routing does not apply. Results append to `benchmarks/results/vision-<machine>.jsonl` and are
-written as `vision-<machine>.md`.
+routing does not apply. Results append to `benchmarks/results/vision-<machine>.jsonl`;
+`vision-<machine>.md` shows the latest record of each model.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ from gemma_mlx.decode import default_prefill_step_size, generate_tokens
 from gemma_mlx.errors import GemmaMLXError
 from gemma_mlx.generate import after_media_prefill
 from gemma_mlx.loading import load_model
-from gemma_mlx.media.image import image_patches
+from gemma_mlx.media.image import SOFT_TOKEN_BUDGETS, image_patches
+from gemma_mlx.models.gemma4_multimodal import MediaTokens
 from gemma_mlx.outputs import write_file_atomically
 from gemma_mlx.sample import greedy
 
@@ -166,29 +167,35 @@ class MlxVlm:
         return [int(token.item() if hasattr(token, "item") else token) for token, _ in steps]
 
 
-def prompt_tokens(config: dict[str, Any], soft_tokens: int, text_tokens: int) -> list[int]:
-    """BOS, text, the image's markers and placeholders, text: `text_tokens` text tokens in all."""
+def prompt_tokens(ids: MediaTokens, soft_tokens: int, text_tokens: int) -> list[int]:
+    """BOS, text, the image's markers and placeholders, text: `text_tokens` text tokens in all
+    (ids below every media token: the tiny vocabulary's are its last)."""
     rng = np.random.default_rng(1)
-    text = [int(t) for t in rng.integers(3, 400, text_tokens)]
+    text = [int(t) for t in rng.integers(3, min(400, ids.boi), text_tokens)]
     half = text_tokens // 2
-    image = [config["boi_token_id"], *[config["image_token_id"]] * soft_tokens]
-    return [2, *text[:half], *image, config["eoi_token_id"], *text[half:]]
+    return [2, *text[:half], ids.boi, *[ids.image] * soft_tokens, ids.eoi, *text[half:]]
 
 
 def measure(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
-    config = json.loads((directory / "config.json").read_text())
-    vision = config["vision_config"]
+    ours = Ours(directory)
+    media_args = ours.model.media_args
+    vision = media_args.vision
+    if media_args.unified or vision is None:
+        raise VisionBenchmarkError(
+            f"{directory}: needs a Gemma 4 checkpoint with a vision tower (not the 12B's "
+            "encoder-free vision, which mlx-vlm does not run)"
+        )
     pixels = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
     image = Image.fromarray(pixels)
     load_before = os.getloadavg()[0]
     preprocess, prepared = timed(
-        lambda: image_patches(image, vision["patch_size"], vision["pooling_kernel_size"],
+        lambda: image_patches(image, vision.patch_size, vision.pooling_kernel_size,
                               args.max_soft_tokens)
     )  # fmt: skip
     outputs: dict[str, mx.array] = {}
     patches, positions = mx.array(prepared.patches), mx.array(prepared.positions)
-    tokens = prompt_tokens(config, prepared.soft_tokens, args.text_tokens)
-    engines = [Ours(directory), MlxVlm(directory)]
+    tokens = prompt_tokens(media_args.tokens, prepared.soft_tokens, args.text_tokens)
+    engines = [ours, MlxVlm(directory)]
     times: dict[str, dict[str, list[float]]] = {
         e.name: {"encode": [], "prompt": []} for e in engines
     }
@@ -220,7 +227,7 @@ def measure(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
         "schema": SCHEMA,
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": describe(measure_bandwidth=False).as_dict(),
-        "model": {"label": args.model or args.size, "vision": {k: vision.get(k) for k in (
+        "model": {"label": args.model or args.size, "vision": {k: getattr(vision, k) for k in (
             "hidden_size", "num_hidden_layers", "patch_size", "pooling_kernel_size")}},
         "image": {"pixels": [480, 640], "patches": int(patches.shape[0]),
                   "soft_tokens": prepared.soft_tokens, "preprocess_s": preprocess},
@@ -233,13 +240,29 @@ def measure(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def markdown(record: dict[str, Any]) -> str:
+def latest_by_model(path: Path) -> list[dict[str, Any]]:
+    """The latest vision record of each model label in the results file `path`."""
+    latest = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line) if line.strip() else {}
+        if record.get("benchmark") == VISION:
+            latest[record["model"]["label"]] = record
+    return list(latest.values())
+
+
+def markdown(records: list[dict[str, Any]]) -> str:
+    """One section per record, under the machine's title."""
+    title = f"# Vision: gemma_mlx vs mlx-vlm ({records[0]['machine']['label']})"
+    return "\n".join([title, "", *(line for r in records for line in section(r))])
+
+
+def section(record: dict[str, Any]) -> list[str]:
     ours, peer = record["engines"]["gemma_mlx"], record["engines"]["mlx-vlm"]
     image = record["image"]
     lines = [
-        f"# Vision: gemma_mlx vs mlx-vlm ({record['machine']['label']}, {record['time']})",
+        f"## `{record['model']['label']}` ({record['time']})",
         "",
-        f"Model `{record['model']['label']}` (vision tower {record['model']['vision']}); one "
+        f"Vision tower {record['model']['vision']}; one "
         f"{image['pixels'][0]}x{image['pixels'][1]} image: {image['patches']} patches, "
         f"{image['soft_tokens']} soft tokens (preprocessing {image['preprocess_s'] * 1e3:.1f} ms, "
         f"ours only); prompt {record['prompt_tokens']} tokens; median of {record['trials']}.",
@@ -262,7 +285,7 @@ def markdown(record: dict[str, Any]) -> str:
         f"({record['machine']['cpu_cores']} cores).",
         "",
     ]
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -274,6 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-tokens", type=int, default=64)
     parser.add_argument("--results-dir", type=Path, default=store.RESULTS_DIR)
     args = parser.parse_args(argv)
+    if args.trials < 1 or args.text_tokens < 2:
+        parser.error("--trials must be at least 1 and --text-tokens at least 2")
+    if args.max_soft_tokens not in SOFT_TOKEN_BUDGETS:
+        parser.error(f"--max-soft-tokens must be one of {', '.join(map(str, SOFT_TOKEN_BUDGETS))}")
     try:
         with tempfile.TemporaryDirectory() as scratch:
             directory = Path(args.model) if args.model else Path(scratch) / args.size
@@ -283,12 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     except GemmaMLXError as e:
         print(f"benchmarks.vision: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    label = record["machine"]["label"]
-    store.append(args.results_dir / f"vision-{label}.jsonl", [record])
-    text = markdown(record)
-    write_file_atomically(
-        args.results_dir / f"vision-{label}.md", lambda p: p.write_text(text), force=True
-    )
+    results = args.results_dir / f"vision-{record['machine']['label']}.jsonl"
+    store.append(results, [record])
+    text = markdown(latest_by_model(results))
+    write_file_atomically(results.with_suffix(".md"), lambda p: p.write_text(text), force=True)
     print(text)
     return 0
 

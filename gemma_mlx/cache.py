@@ -14,6 +14,8 @@ from `update_and_fetch` exactly the positions the new queries may attend:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import mlx.core as mx
 
 
@@ -205,3 +207,10 @@ def attention_mask(
 def window_start(first_new: int, window: int | None) -> int:
     """Position of the first key a cache returns when new tokens start at `first_new`."""
     return 0 if window is None else max(0, first_new - window + 1)
+
+
+def shared_prefix(cached: Sequence[int], tokens: Sequence[int]) -> int:
+    """How many leading tokens two sequences share: what a cache holding `cached` can keep of a
+    prompt `tokens` (prefix caches, chat sessions)."""
+    n = min(len(cached), len(tokens))
+    return next((i for i in range(n) if cached[i] != tokens[i]), n)

@@ -4,7 +4,8 @@ Weights are memory-mapped and materialized one tensor at a time after their fina
 never holds two copies of the model. On the CPU backend the model computes in float32 and, when it
 fits, quantized matrices are expanded to dense float32 (MLX's CPU quantized kernels are several times
 slower than a dense float32 product through OpenBLAS, see NOTES.md); elsewhere it keeps the
-checkpoint's half precision and its quantization.
+checkpoint's half precision and its quantization. A Gemma 4 checkpoint's vision and audio towers
+are loaded with it when it has them (`media`, see `build_and_check`).
 """
 
 from __future__ import annotations
@@ -363,12 +364,12 @@ def build_and_check(
             )
         if towers:
             weights, origin = read_weights(weight_files(model_dir))
-            if media and not holds_towers(weights):
+            towers = holds_towers(weights)
+            if media and not towers:
                 raise MediaError(
                     f"{model_dir}: config.json describes vision/audio towers but the weights "
                     "hold none (a text-only export?): it cannot take images or audio"
                 )
-            towers = holds_towers(weights)
         with reported_as(ConfigError, f"{config_file}: does not describe a model"):
             model_class, args_class = get_model_classes(config, media=towers)
             args = args_class.from_dict(config)

@@ -125,10 +125,14 @@ def test_draft_model_batch_equals_each_alone(case, tokenizer):
     assert drafted > 0
 
 
-@pytest.mark.parametrize("case", ["31b"], indirect=True)
-@pytest.mark.parametrize("size", [1, 2, 5, 16])
+@pytest.mark.parametrize(
+    "case, size",
+    [("31b", 1), ("31b", 2), ("31b", 5), ("31b", 16), ("e2b", 16), ("26b-a4b", 16)],
+    indirect=["case"],
+)
 def test_batch_sizes(case, tokenizer, size):
-    """Batches of 1 to 16 requests (16: the 10 prompts and 6 of them again), all at once."""
+    """Batches of 1 to 16 requests (16: the 10 prompts and 6 of them again), all at once; 16
+    rows cross from the few-row kernel into sgemm."""
     model, prompts, limits, references = case
     order = [i % len(prompts) for i in range(size)]
     scheduler = BatchScheduler(model, tokenizer, prefill_step_size=CHUNK, kv_budget=2**30)

@@ -162,6 +162,24 @@ def test_launches_per_call(kernels):
     assert kernels.launches - before == 1
 
 
+def test_reference_decodes_the_table_once_per_product(monkeypatch):
+    """Without Metal all rows of x go to one reference call, which decodes the table once (it
+    was once per 8 rows: a 64-token prefill decoded a 262,144-row head 8 times)."""
+    decoded = []
+    decode = q6k.decode
+    monkeypatch.setattr(
+        q6k, "decode", lambda blocks: decoded.append(blocks.shape) or decode(blocks)
+    )
+    raw = random_blocks(np.random.default_rng(10), 5, 256)
+    x = mx.array(np.random.default_rng(11).standard_normal((64, 256)).astype(np.float32))
+    got = np.asarray(q6k.matmul(x, mx.array(raw), mx.float32))
+    assert decoded == [(5, 210)]
+    exact = np.asarray(x, np.float64) @ exact_rows(raw).T.astype(np.float64)
+    assert (
+        np.abs(got - exact) <= product_tolerance(np.asarray(x), exact_rows(raw), mx.float32)
+    ).all()
+
+
 def test_bad_arguments_name_the_operation():
     blocks = mx.zeros((4, 210), mx.uint8)
     with pytest.raises(ValueError, match=r"q6k\.matmul: x has 128 columns, the table 256"):
@@ -210,27 +228,3 @@ def test_broken_kernel_warns_once_and_falls_back(emulator, operation):
     assert len(caught) == 1
     for got, want in results:
         assert mx.array_equal(got, want).item()
-
-
-def test_the_measured_alternative_is_exact_and_launches_more():
-    """`benchmarks.q6k_routes`' other exact route (two 6-bit group-32 halves, float32 scales) is
-    exact, so the comparison in docs/kernels.md is between two exact forms; the blocks take one
-    launch per head product and per lookup, the halves five and ten."""
-    from benchmarks.q6k_routes import halves, halves_lookup, halves_product, kernel_counts
-
-    raw = random_blocks(np.random.default_rng(8), 12, 512, decades=(-7, 1))
-    even, odd = halves(raw)
-    table = exact_rows(raw)
-    dense = [mx.dequantize(w, s, b, group_size=32, bits=6) for w, s, b in (even, odd)]
-    np.testing.assert_array_equal(np.asarray(dense[0] + dense[1]), table)
-    ids = mx.array([11, 0, 4])
-    np.testing.assert_array_equal(
-        np.asarray(halves_lookup(ids, (even, odd), mx.float32)), table[[11, 0, 4]]
-    )
-    x = mx.array(np.random.default_rng(9).standard_normal((2, 512)).astype(np.float32))
-    exact = np.asarray(x, np.float64) @ table.T.astype(np.float64)
-    got = np.asarray(halves_product(x, (even, odd)))
-    assert (np.abs(got - exact) <= product_tolerance(np.asarray(x), table, mx.float32)).all()
-    counts = kernel_counts(512, vocab=1024)
-    assert counts["blocks: head"][1] == counts["blocks: lookup"][1] == 1
-    assert counts["halves: head"] == (5, 5) and counts["halves: lookup"] == (10, 10)

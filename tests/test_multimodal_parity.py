@@ -31,6 +31,16 @@ BIDIRECTIONAL = {"12b", "26b-a4b", "31b"}
 WITH_AUDIO = {"e2b", "e4b", "12b"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """transformers on one thread: these products are tiny, and when the cores are busy (MLX's
+    threads, other processes) torch's spinning thread pool makes them ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     built = {}

@@ -16,9 +16,9 @@ from server_helpers import TOOLS_TEMPLATE, ScriptedModel, serving
 from tiny_chat_model import write_model
 
 import gemma_mlx
+from gemma_mlx.cache import shared_prefix
 from gemma_mlx.generate import stream_generate
 from gemma_mlx.loading import load
-from gemma_mlx.server.prefix_cache import shared_prefix
 
 NAME = "tiny"
 TOOLS = [

@@ -44,3 +44,7 @@ def test_completions_and_chat_equal_generate(builtin):
         assert chat.usage.prompt_tokens == len(
             chat_tokenizer.apply_chat_template(messages, tokenize=True)
         )
+        streamed = client.chat.completions.create(
+            model=BUILTIN_NAME, messages=messages, max_tokens=12, stream=True
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in streamed) == chat_expected

@@ -3,6 +3,9 @@ past the sliding window, LRU within its budget), penalties, the thinking budget,
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import jinja2.sandbox
 import mlx.core as mx
 import numpy as np
@@ -10,6 +13,7 @@ import pytest
 from mlx_lm.tool_parsers import gemma4 as mlx_lm_gemma4
 from tiny_chat_model import GEMMA4_CHAT_TEMPLATE, WINDOW, write_model
 
+from gemma_mlx.cache import shared_prefix
 from gemma_mlx.decode import prefill
 from gemma_mlx.generate import stream_generate
 from gemma_mlx.loading import load
@@ -179,6 +183,16 @@ def test_prefix_hits_equal_fresh_runs_past_the_window(long_context):
     check(other, base + b, 150)
 
 
+@pytest.mark.parametrize(
+    ("cached", "tokens", "expected"),
+    [([], [1], 0), ([1, 2, 3], [1, 2, 3], 3), ([1, 2], [1, 2, 3], 2), ([1, 2, 3], [1, 2], 2),
+     ([1, 2, 3], [1, 5, 3], 1), ([4], [1], 0)],
+)  # fmt: skip
+def test_shared_prefix_counts_the_leading_tokens_in_common(cached, tokens, expected):
+    assert shared_prefix(cached, tokens) == expected
+    assert shared_prefix(tuple(tokens), np.array(cached, dtype=np.int64)) == expected
+
+
 def test_lru_within_the_byte_budget(tiny):
     model, _ = tiny
     probe = PrefixCache(model.make_cache, 1 << 30)
@@ -284,7 +298,7 @@ def test_serving_benchmark_table():
     machine = {"label": "m"}
     record = {
         "machine": machine, "model": {"label": "270m"}, "time": "2026-12-02T00:00:00+00:00",
-        "engine": {"name": "gemma_mlx", "runs": "ours"}, "scenario": "agent 8 turns",
+        "engine": {"name": "gemma_mlx", "runs": "ours"}, "scenario": "agent 8 turns", "clients": 1,
         "requests": 8, "ttft_s": {"median": 0.5, "min": 0.25, "max": 1.0}, "tokens_per_s": 12.5,
         "prompt_tokens": [100, 150], "cached_tokens": [0, 120],
     }  # fmt: skip
@@ -294,4 +308,27 @@ def test_serving_benchmark_table():
         "| m | 270m | gemma_mlx | agent 8 turns | 8 | 0.50 (0.25-1.00) | 12.50 | 130 / 250 |"
         in lines
     )
+    by_clients = [record | {"scenario": f"{n} clients", "clients": n} for n in (16, 4)]
+    rows = [line for line in markdown([record, *by_clients]) if line.startswith("| m ")]
+    assert [row.split(" | ")[3] for row in rows] == ["4 clients", "16 clients", "agent 8 turns"]
     assert markdown([]) == []
+
+
+def test_the_benchmark_gives_mlx_lm_only_directories_it_loads(tmp_path):
+    from benchmarks.serve import ServeBenchmarkError, mlx_lm_loads, served_directory
+
+    def directory(name: str, quantization: dict | None) -> Path:
+        (tmp_path / name).mkdir()
+        config = {"model_type": "gemma3_text"} | (
+            {"quantization": quantization} if quantization else {}
+        )
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        return tmp_path / name
+
+    dense = directory("dense", None)
+    affine = directory("affine", {"group_size": 32, "bits": 4, "lm_head": {"bits": 8}})
+    q6k = directory("q6k", {"bits": 4, "mode": "affine", "mlp": {"bits": 6, "mode": "gguf_q6_k"}})
+    assert mlx_lm_loads(dense) and mlx_lm_loads(affine) and not mlx_lm_loads(q6k)
+    assert served_directory(str(q6k), [], tmp_path) == q6k  # no peer: the model's own directory
+    with pytest.raises(ServeBenchmarkError, match="--requant-bits 8"):
+        served_directory(str(q6k), ["mlx-lm"], tmp_path)

@@ -137,7 +137,12 @@ def rows_launch(blocks: mx.array, ids: mx.array, dtype: mx.Dtype) -> Launch:
 
 
 def _matmul_kernel(kernels: Kernels, x, blocks, dtype) -> mx.array:
-    return kernels.run(MATMUL, matmul_launch(x, blocks, dtype))[0]
+    """One launch per MAX_ROWS rows of x (the accumulators a lane holds)."""
+    parts = [
+        kernels.run(MATMUL, matmul_launch(x[i : i + MAX_ROWS], blocks, dtype))[0]
+        for i in range(0, x.shape[0], MAX_ROWS)
+    ]
+    return mx.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
 def _rows_kernel(kernels: Kernels, blocks, ids, dtype) -> mx.array:
@@ -207,9 +212,9 @@ def matmul(x: mx.array, blocks: mx.array, dtype: mx.Dtype) -> mx.array:
     lead = x.shape[:-1]
     flat = x.reshape(-1, K)
     M = flat.shape[0]
+    # One call for all rows: the reference decodes the table once, the kernel launches per 8.
     if M == 0 or M > MAX_ROWS * MAX_LAUNCHES:
         out = matmul_reference(flat, blocks, dtype)
     else:
-        parts = [_matmul(flat[i : i + MAX_ROWS], blocks, dtype) for i in range(0, M, MAX_ROWS)]
-        out = mx.concatenate(parts) if len(parts) > 1 else parts[0]
+        out = _matmul(flat, blocks, dtype)
     return out.reshape(*lead, blocks.shape[0])

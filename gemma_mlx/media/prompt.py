@@ -24,6 +24,7 @@ import mlx.nn as nn
 import numpy as np
 from PIL import Image
 
+from gemma_mlx.cache import shared_prefix
 from gemma_mlx.errors import MediaError
 from gemma_mlx.media.audio import AudioSource, log_mel, read_audio, waveform_frames
 from gemma_mlx.media.image import DEFAULT_SOFT_TOKENS, ImageSource, image_patches
@@ -196,11 +197,7 @@ def reusable_prefix(
     """How many tokens of a cache holding `cached` (with media `cached_items`) a prompt `tokens`
     (with `items`) can keep: their common prefix, cut back to the start of the first item the two
     prompts hold differently (same placeholders, other content) or that the prefix would cut."""
-    n = 0
-    for a, b in zip(cached, tokens, strict=False):
-        if a != b:
-            break
-        n += 1
+    n = shared_prefix(cached, tokens)
     before = {(item.begin, item.end): item.key for item in cached_items}
     for item in items:
         if item.begin >= n:

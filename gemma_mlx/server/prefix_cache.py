@@ -18,7 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
-import numpy as np
+
+from gemma_mlx.cache import shared_prefix
 
 
 @dataclass(frozen=True)
@@ -29,13 +30,6 @@ class _Snapshot:
     states: tuple[tuple[mx.array, ...], ...]
     meta: tuple[tuple[str, ...], ...]
     nbytes: int
-
-
-def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token sequences."""
-    n = min(len(a), len(b))
-    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
-    return int(differ[0]) if differ.size else n
 
 
 class PrefixCache:

@@ -1,7 +1,8 @@
 """Continuous batching: aggregate decode tokens/s at batch 1-16, gemma_mlx against mlx-lm, same run.
 
     python -m benchmarks.batch [--models builtin,tiny:e2b,...] [--batches 1,2,4,8,16]
-                               [--tokens 32] [--no-mlx-lm] [--no-speculative] [--out FILE]
+                               [--tokens 32] [--repeats 1] [--no-mlx-lm] [--no-speculative]
+                               [--out FILE]
 
 For each model and batch size B: B different prompts of the same length, greedy, end of turn
 ignored, `--tokens` tokens per sequence. The aggregate speed counts the tokens of the steps after
@@ -10,7 +11,9 @@ every sequence has its first token, over those steps' time (prompt processing ex
 - mlx-lm: its `BatchGenerator` (what `mlx_lm.batch_generate` runs) on mlx-lm's model class for
   the same config holding exactly our loaded weights (float32 on the CPU), its products as sgemm
   as in mlx-lm's own process.
-The two alternate at each batch size, so a shared machine's load hits both alike. On Linux a
+The two alternate at each batch size, so a shared machine's load hits both alike; with
+`--repeats N` they alternate N times and each keeps its fastest run (other processes only ever
+slow a run down). On Linux a
 product of 1 row runs as sgemv, of 2-8 rows through our few-row kernel, of more as sgemm
 (`gemma_mlx/_blas_route.c`): batch 16 crosses into sgemm.
 
@@ -170,7 +173,7 @@ def run_mlx_lm(engine: MlxLmTwin, prompts: list[list[int]], tokens: int) -> Run:
 
 
 def throughput(
-    source_dir: Path, batches: Sequence[int], tokens: int, with_mlx_lm: bool
+    source_dir: Path, batches: Sequence[int], tokens: int, with_mlx_lm: bool, repeats: int = 1
 ) -> Iterator[tuple[int, Run, Run | None]]:
     ours = Ours(source_dir, prefill_step_size=512)
     ours.tokenizer = replace(ours.tokenizer, eos_token_ids=frozenset())  # never stop early
@@ -182,9 +185,17 @@ def throughput(
         run_mlx_lm(peer, warm, 4)
     for batch in batches:
         prompts = prompts_for(vocab, batch, PROMPT_TOKENS)
-        mine = run_ours(ours, prompts, tokens)
-        theirs = run_mlx_lm(peer, prompts, tokens) if peer is not None else None
-        yield batch, mine, theirs
+        mine: list[Run] = []
+        theirs: list[Run] = []
+        for _ in range(repeats):
+            mine.append(run_ours(ours, prompts, tokens))
+            if peer is not None:
+                theirs.append(run_mlx_lm(peer, prompts, tokens))
+        yield batch, fastest(mine), fastest(theirs) if theirs else None
+
+
+def fastest(runs: list[Run]) -> Run:
+    return max(runs, key=lambda run: run.tps)
 
 
 def speculative(source_dir: Path, tokens: int, batch: int = 4) -> tuple[Run, Run]:
@@ -208,16 +219,19 @@ def markdown(
     spec,
     tokens: int,
     loads: tuple[float, float],
+    repeats: int = 1,
 ) -> str:
+    command = "python -m benchmarks.batch" + (f" --repeats {repeats}" if repeats > 1 else "")
+    best = f"; the fastest of {repeats} alternating runs of each engine" if repeats > 1 else ""
     lines = [
         "# Continuous batching: aggregate decode tokens/s, gemma_mlx against mlx-lm",
         "",
         f"Machine: {machine.label} ({machine.chip}, {machine.cpu_cores} cores, MLX "
         f"{mx.__version__} {machine.backend}, BLAS: {machine.blas}); mlx-lm "
         f"{package_version('mlx-lm')}. {time.strftime('%Y-%m-%d')}.",
-        f"Command: `python -m benchmarks.batch`. Greedy, {PROMPT_TOKENS}-token prompts, "
+        f"Command: `{command}`. Greedy, {PROMPT_TOKENS}-token prompts, "
         f"{tokens} tokens per sequence; aggregate = tokens of all sequences per second once "
-        "every sequence decodes (prompt processing excluded). Same weights for both (mlx-lm's "
+        f"every sequence decodes (prompt processing excluded){best}. Same weights for both (mlx-lm's "
         "model class holding our loaded float32 weights); mlx-lm's products as sgemm, as in its "
         "own process, ours routed (1 row sgemv, 2-8 rows the few-row kernel, more sgemm). "
         f"Load average (1 min) at the start and end: {loads[0]:.1f}, {loads[1]:.1f} (other "
@@ -261,6 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="builtin, tiny:<size>, dirs")
     p.add_argument("--batches", default="1,2,4,8,16", help="batch sizes")
     p.add_argument("--tokens", type=int, default=32, help="tokens generated per sequence")
+    p.add_argument("--repeats", type=int, default=1, help="runs per engine, the fastest kept")
     p.add_argument("--no-mlx-lm", action="store_true", help="skip mlx-lm")
     p.add_argument("--no-speculative", action="store_true", help="skip the speculative run")
     p.add_argument("--out", type=Path, help="markdown file (default: results/batch-<machine>.md)")
@@ -272,6 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise BenchmarkError(f"--batches {args.batches!r}: sizes >= 1, comma-separated") from e
         if args.tokens < 2:
             raise BenchmarkError(f"--tokens must be >= 2, got {args.tokens}")
+        if args.repeats < 1:
+            raise BenchmarkError(f"--repeats must be >= 1, got {args.repeats}")
         machine = describe(measure_bandwidth=False)
         load_at_start = os.getloadavg()[0]
         table = {}
@@ -280,7 +297,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             with model_source(model, None, name) as source:
                 print(f"{source.label}: {source.directory}", file=sys.stderr)
                 table[source.label] = []
-                for row in throughput(source.directory, batches, args.tokens, not args.no_mlx_lm):
+                rows = throughput(
+                    source.directory, batches, args.tokens, not args.no_mlx_lm, args.repeats
+                )
+                for row in rows:
                     batch, mine, theirs = row
                     peer = f", mlx-lm {theirs.tps:.1f}" if theirs else ""
                     print(f"  batch {batch}: {mine.tps:.1f} tok/s{peer}", file=sys.stderr)
@@ -292,7 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchmarkError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    text = markdown(machine, table, spec, args.tokens, (load_at_start, os.getloadavg()[0]))
+    loads = (load_at_start, os.getloadavg()[0])
+    text = markdown(machine, table, spec, args.tokens, loads, args.repeats)
     out = args.out or RESULTS / f"batch-{machine.label}.md"
     write_file_atomically(out, lambda path: path.write_text(text), force=True)
     print(text)

@@ -53,6 +53,8 @@ from benchmarks.graph import (
     parameter_readers,
     zero_leaf,
 )
+from benchmarks.kv_cost import kv_cache_lines
+from benchmarks.pipeline_cost import pipeline_lines
 from benchmarks.q6k_routes import head_lines
 from benchmarks.roofline import WeightBytes, kv_bytes, weight_bytes_per_token
 from benchmarks.syncs import blocking, count_syncs
@@ -346,6 +348,8 @@ def markdown(table: dict[str, dict[str, Cost]], context: int) -> str:
         cells = [f"{apple_bandwidth(chip).gbs * 1e9 / per_token:.0f}" for chip in CHIPS]
         lines.append(f"| {size.upper()} | " + " | ".join(cells) + " |")
     lines += ["", *batch_lines({s: batch_weights(s) for s in table})]
+    lines += ["", *kv_cache_lines(list(table))]
+    lines += ["", *pipeline_lines({s: batch_weights(s)[0] for s in table}, context)]
     lines += ["", *head_lines(table)]
     lines += [
         "",

@@ -17,9 +17,8 @@ server reports them.
 
 On the CPU backend both servers compute in float32 with OpenBLAS: mlx-lm's model gets our
 loader's treatment (`benchmarks.engines.MlxLm` does the same), its products run as OpenBLAS sgemm
-(`mlx-lm`) or through our few-row routing (`mlx-lm+route`). mlx-lm's server batches concurrent
-requests into one forward pass; ours (until continuous batching lands) interleaves them one
-token at a time. Results append to `benchmarks/results/serve-<machine>.jsonl` and are written as
+(`mlx-lm`) or through our few-row routing (`mlx-lm+route`). Both servers batch concurrent
+requests into one forward pass per step (ours: `gemma_mlx.batching.BatchScheduler`). Results append to `benchmarks/results/serve-<machine>.jsonl` and are written as
 `serve-<machine>.md`; `python -m benchmarks.report` adds them to the report.
 """
 
@@ -86,7 +85,8 @@ def servers(
         [sys.executable, "-m", "gemma_mlx.server", "--model", str(model_dir), "--port", str(ports[0]),
          "--max-tokens", str(max_tokens), "--decode-concurrency", "16", "--log-level", "WARNING"],
         {},
-        "python -m gemma_mlx.server: one request per forward pass, interleaved token by token",
+        "python -m gemma_mlx.server: continuous batching (gemma_mlx.batching), one forward pass "
+        "over every running request per step",
     )  # fmt: skip
     out = [ours]
     for peer, port in zip(peers, ports[1:], strict=True):

@@ -19,7 +19,8 @@ from gemma_mlx.outputs import OutputExistsError
 FORMATS = ("gguf", "compressed-tensors", "safetensors")
 # Raised whenever the same source converts into different output, so that caches keyed by it
 # (`gemma_mlx.hub.converted_gguf`) convert again. 2: Q6_K kept as its GGUF blocks (was requantized).
-FORMAT_VERSION = 2
+# 3: a GGUF's mmproj (vision/audio towers) is converted with it (was silently left out).
+FORMAT_VERSION = 3
 
 __all__ = [
     "FORMATS",
@@ -49,7 +50,7 @@ def detect_source_format(src: Path) -> str:
 
 def make_plan(src: Path, source_format: str | None = None, **options) -> Plan:
     """The conversion plan for `src`; options: k_scale_dtype, requant_bits, dequantize,
-    mlx_lm_compatible (GGUF); recipe, group_size, keep, quantize_drafter (safetensors)."""
+    mlx_lm_compatible, mmproj (GGUF); recipe, group_size, keep, quantize_drafter (safetensors)."""
     with reading_source(src):
         return _make_plan(src, source_format, **options)
 
@@ -59,11 +60,16 @@ def _make_plan(src: Path, source_format: str | None, **options) -> Plan:
     if source_format == "gguf":
         from gemma_mlx.convert.gguf_source import gguf_plan
 
-        names = ("k_scale_dtype", "requant_bits", "dequantize", "mlx_lm_compatible")
+        names = ("k_scale_dtype", "requant_bits", "dequantize", "mlx_lm_compatible", "mmproj")
         return gguf_plan(Path(src), **{k: v for k, v in options.items() if k in names})
     if source_format in ("compressed-tensors", "safetensors"):
         from gemma_mlx.convert.safetensors_source import safetensors_plan
 
+        if options.get("mmproj") is not None:
+            raise ConfigError(
+                f"--mmproj {options['mmproj']}: only for a GGUF source (a Hugging Face directory "
+                "holds its towers)"
+            )
         names = ("recipe", "group_size", "keep", "quantize_drafter")
         plan = safetensors_plan(Path(src), **{k: v for k, v in options.items() if k in names})
         if plan.source_format != source_format:

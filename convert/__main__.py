@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="write only what mlx-lm can load: Q6_K requantized (to --requant-bits, default 8)",
     )  # fmt: skip
     gguf.add_argument(
+        "--mmproj", type=Path, metavar="MMPROJ.gguf",
+        help="llama.cpp's mmproj file of the model (Gemma 4 vision/audio towers): converted with "
+        "it, so the output takes images and audio",
+    )  # fmt: skip
+    gguf.add_argument(
         "--dequantize", action="store_true",
         help="write float32 weights (the exact dequantized model: a reference, 4-8x larger)",
     )  # fmt: skip

@@ -17,6 +17,13 @@ from typing import Any
 import numpy as np
 from gemma_mlx.convert.blocks import DEFAULT_REQUANT_BITS
 from gemma_mlx.convert.mlx_format import QuantizedTensor
+from gemma_mlx.convert.mmproj_source import (
+    MmprojSource,
+    field,
+    layout_change,
+    torch_shape,
+    tower_tensor,
+)
 from gemma_mlx.convert.pipeline import (
     Job,
     Plan,
@@ -28,6 +35,7 @@ from gemma_mlx.convert.tensors import Converted, TensorRecord, gguf_output_nbyte
 from gguf import GGUFReader, ReaderTensor
 
 from gemma_mlx.errors import ConfigError, GemmaMLXError, WeightsError
+from gemma_mlx.models.gemma4_multimodal import OWN_PREFIXES as TOWER_PREFIXES
 
 SUPPORTED_ARCHITECTURES = ("gemma3", "gemma4")
 
@@ -110,6 +118,14 @@ def open_gguf(path: Path) -> GGUFReader:
         ) from e
 
 
+def release_pages(reader: GGUFReader) -> None:
+    """Drop the file pages read so far from our resident set (they stay in the page cache):
+    without this, RSS grows to the whole file's size as tensors are read."""
+    mapping = getattr(reader.data, "_mmap", None)
+    if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
+
+
 class GGUFSource:
     """One GGUF file: its architecture, metadata and tensors, named the way our models name them."""
 
@@ -125,20 +141,10 @@ class GGUFSource:
         self.by_name = {t.name: t for t in self.reader.tensors}
 
     def field(self, key: str, default: Any = ...) -> Any:
-        field = self.reader.get_field(key)
-        if field is None:
-            if default is ...:
-                raise ConfigError(f"{self.path}: metadata key '{key}' is missing")
-            return default
-        value = field.contents()
-        return value.tolist() if isinstance(value, np.ndarray) else value
+        return field(self.reader, self.path, key, default)
 
     def release_pages(self) -> None:
-        """Drop the file pages read so far from our resident set (they stay in the page cache):
-        without this, RSS grows to the whole file's size as tensors are read."""
-        mapping = getattr(self.reader.data, "_mmap", None)
-        if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
-            mapping.madvise(mmap.MADV_DONTNEED)
+        release_pages(self.reader)
 
     def arch_field(self, key: str, default: Any = ...) -> Any:
         return self.field(f"{self.arch}.{key}", default)
@@ -334,12 +340,16 @@ class GGUFSource:
     def chat_template(self) -> str | None:
         return self.field("tokenizer.chat_template", None)
 
+    def vocabulary(self) -> dict[str, int]:
+        """Token spelling -> id."""
+        tokens = self.reader.get_field("tokenizer.ggml.tokens")
+        return {str(tokens.contents(i)): i for i in range(len(tokens.data))}
+
     def eos_token_ids(self) -> list[int]:
         """The end-of-sequence id, plus the chat turn terminator when there is a chat template."""
         ids = [int(self.field("tokenizer.ggml.eos_token_id"))]
         if self.chat_template():
-            tokens = self.reader.get_field("tokenizer.ggml.tokens")
-            vocab = {str(tokens.contents(i)): i for i in range(len(tokens.data))}
+            vocab = self.vocabulary()
             ids += [vocab[t] for t in TURN_END_TOKENS if t in vocab and vocab[t] not in ids]
         return ids
 
@@ -371,13 +381,22 @@ def gguf_plan(
     requant_bits: int | None = None,
     dequantize: bool = False,
     mlx_lm_compatible: bool = False,
+    mmproj: Path | None = None,
 ) -> Plan:
     """The conversion of a GGUF file: exact types keep their grid and Q6_K weights their blocks
     (see `convert.blocks`); `requant_bits` or `mlx_lm_compatible` requantizes Q6_K too (to
-    `requant_bits`, default 8), into what mlx-lm can load."""
+    `requant_bits`, default 8), into what mlx-lm can load. `mmproj`: llama.cpp's file of the
+    model's vision/audio towers, converted with it (`convert.mmproj_source`)."""
     if mlx_lm_compatible and requant_bits is None:
         requant_bits = DEFAULT_REQUANT_BITS
     source = GGUFSource(path)
+    towers = None
+    if mmproj is not None:
+        towers = MmprojSource(Path(mmproj), open_gguf(Path(mmproj)))
+        if source.arch != "gemma4":
+            raise ConfigError(
+                f"{source.path}: a {source.arch} model; --mmproj takes Gemma 4 towers only"
+            )
     for key in TOKENIZER_KEYS:
         source.field(key)  # a GGUF without its vocabulary converts into an unloadable directory
     config = source.config()
@@ -427,9 +446,47 @@ def gguf_plan(
         generation["pad_token_id"] = config["pad_token_id"]
     config["eos_token_id"] = eos if len(eos) > 1 else eos[0]
     items = [t for t in source.tensors() if t.name in wanted or "gate_up_proj" in t.name]
-    check_against_config(config, dict(_output_shapes(items)), {}, source.path)
+    shapes = dict(_output_shapes(items))
     jobs = [job(t) for t in items]
+    if towers is not None:
+        config = towers.multimodal_config(config, source.vocabulary(), source.path)
+        jobs += _tower_jobs(towers, config, shapes)
+    check_against_config(config, shapes, {}, source.path, media=towers is not None)
     return Plan("gguf", config, jobs, write_extra_files, generation)
+
+
+def _tower_jobs(
+    towers: MmprojSource, config: dict[str, Any], shapes: dict[str, tuple[int, ...]]
+) -> list[Job]:
+    """One job per tower tensor; adds each output's shape to `shapes` (for the up-front check)."""
+    from mlx.utils import tree_flatten
+
+    expected = {
+        name: tuple(value.shape)
+        for name, value in tree_flatten(lazy_model(config, media=True).parameters())
+        if name.startswith(TOWER_PREFIXES)
+    }
+
+    def job(ours: str, tensor: ReaderTensor) -> Job:
+        shape = expected[ours]
+
+        def run() -> list[tuple[str, Converted, TensorRecord]]:
+            try:
+                converted, record = tower_tensor(towers, ours, tensor, shape)
+            finally:
+                release_pages(towers.reader)
+            return [(ours, converted, record)]
+
+        output_bytes = int(tensor.n_elements) * 4  # float32 at most
+        return Job(f"{towers.path.name}:{tensor.name}", tensor_nbytes(tensor), output_bytes, run)
+
+    jobs = []
+    for ours, tensor in towers.tensors(expected):
+        shapes[ours] = (
+            expected[ours] if layout_change(ours, expected[ours]) else torch_shape(tensor)
+        )
+        jobs.append(job(ours, tensor))
+    return jobs
 
 
 def _model_parameter_names(config: dict[str, Any], names: list[str]) -> set[str]:

@@ -146,11 +146,12 @@ def quantization_config(modules: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {**default, "mode": "affine", **dict(sorted(modules.items()))}
 
 
-def lazy_model(config: dict[str, Any]):
-    """The model config.json describes; its parameters stay lazy, so nothing is allocated."""
+def lazy_model(config: dict[str, Any], media: bool = False):
+    """The model config.json describes (with its vision/audio towers when `media`); its
+    parameters stay lazy, so nothing is allocated."""
     from gemma_mlx.models import get_model_classes
 
-    model_class, args_class = get_model_classes(config)
+    model_class, args_class = get_model_classes(config, media=media)
     return model_class(args_class.from_dict(config))
 
 
@@ -159,12 +160,13 @@ def check_against_config(
     shapes: dict[str, tuple[int, ...]],
     origin: dict[str, Path],
     source: Path,
+    media: bool = False,
 ) -> None:
     """Fail before converting anything if a tensor is missing, unexpected or of the wrong shape."""
     from gemma_mlx.loading import check_names_and_shapes
 
     standins = {name: mx.zeros(shape) for name, shape in shapes.items()}  # lazy: never evaluated
-    check_names_and_shapes(lazy_model(config), standins, origin, source)
+    check_names_and_shapes(lazy_model(config, media), standins, origin, source)
 
 
 def verify(out_dir: Path) -> None:

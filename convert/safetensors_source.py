@@ -2,7 +2,8 @@
 (QAT) checkpoints quantized here with the Q4_0 recipe they were trained for.
 
 Tensor names go through the model's own `sanitize` (prefixes, towers, fused experts), so the output
-holds exactly our (and mlx-lm's) parameter names.
+holds exactly our (and mlx-lm's) parameter names. A Gemma 4 checkpoint with vision/audio towers
+keeps them (unquantized towers in their source precision) and its multimodal config.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from gemma_mlx.convert.tensors import (
 
 from gemma_mlx.errors import ConfigError, WeightsError
 from gemma_mlx.loading import read_config, read_weights, weight_files
+from gemma_mlx.models.gemma4_multimodal import OWN_PREFIXES as TOWER_PREFIXES
+from gemma_mlx.models.gemma4_multimodal import has_towers, holds_towers
 
 # Kept in the source precision by default, as in Google's QAT releases: embeddings, router, head.
 DEFAULT_KEEP = (r"embed_tokens", r"lm_head", r"\.router\.")
@@ -62,10 +65,12 @@ def detect_format(config: dict[str, Any], path: Path) -> str:
     )
 
 
-def text_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The flat text config our converted directories carry (multimodal wrappers unwrapped; an MTP
-    drafter's config stays whole: its top level holds the drafter's own fields)."""
-    if "assistant" in str(config.get("model_type", "")):
+def output_config(config: dict[str, Any], media: bool) -> dict[str, Any]:
+    """The config.json our converted directories carry: without the source's quantization keys;
+    the flat text config for a text model (multimodal wrappers unwrapped); whole for a model kept
+    with its towers (`media`: the loader reads `text_config`, `vision_config`, `audio_config` and
+    the media token ids) and for an MTP drafter (its top level holds the drafter's own fields)."""
+    if media or "assistant" in str(config.get("model_type", "")):
         return {k: v for k, v in config.items() if k not in ("quantization_config", "quantization")}
     text = dict(config.get("text_config") or config)
     for key in (
@@ -131,12 +136,13 @@ def safetensors_plan(
         raise ConfigError(f"--recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
     config = read_config(path)
     source_format = detect_format(config, path)
-    model = lazy_model(config)
     files = weight_files(path)
     weights, origin = read_weights(files)
-    weights = model.sanitize(weights)
+    # A Gemma 4 checkpoint keeps its vision/audio towers (a text-only export stays a text model).
+    media = has_towers(config) and holds_towers(weights)
+    weights = lazy_model(config, media).sanitize(weights)
     check_against_config(
-        config, dict(_output_shapes(weights)), {}, files[0] if len(files) == 1 else path
+        config, dict(_output_shapes(weights)), {}, files[0] if len(files) == 1 else path, media
     )
     drafter = "assistant" in str(config.get("model_type", ""))
     if not drafter:  # drafters share their target's tokenizer
@@ -151,6 +157,7 @@ def safetensors_plan(
             quantize_floats and name.endswith(".weight") and len(shape) in (2, 3)
             and shape[-1] % group_size == 0
             and not any(p.search(name) for p in keep_patterns)
+            and not name.startswith(TOWER_PREFIXES)  # no QAT grid to keep: source precision
         )  # fmt: skip
         dtype_name = str(dtype).split(".")[-1]
         bits = DRAFTER_BITS if drafter else 4
@@ -238,7 +245,7 @@ def safetensors_plan(
             if (path / side).is_file():
                 shutil.copy2(path / side, out_dir / side)
 
-    return Plan(source_format, text_config(config), jobs, write_extra_files)
+    return Plan(source_format, output_config(config, media), jobs, write_extra_files)
 
 
 def check_tokenizer(path: Path) -> None:

@@ -13,17 +13,23 @@ turn re-encodes nothing and keeps them in the cache; a saved session holds them 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import numpy as np
 
+from gemma_mlx.cache import kv_quantization_of, quantize_caches
+from gemma_mlx.cache_files import (
+    cache_arrays,
+    cache_fields,
+    check_identity,
+    identity_fields,
+    read_cache_file,
+    write_cache_file,
+)
 from gemma_mlx.errors import GemmaMLXError, OptionError
-from gemma_mlx.fingerprint import model_fingerprint
 from gemma_mlx.generate import (
     GenerationResponse,
     check_generation_options,
@@ -41,7 +47,7 @@ from gemma_mlx.media.messages import (
 from gemma_mlx.media.prompt import EncodedMedia, reusable_prefix
 from gemma_mlx.models.gemma4_multimodal import MediaItem
 from gemma_mlx.options import check_text
-from gemma_mlx.outputs import write_file_atomically
+from gemma_mlx.prompt_cache import make_prompt_cache
 from gemma_mlx.tokenizer import ANSWER, Tokenizer
 
 # /2: the weights' fingerprint and a checksum over everything saved. /3: images and audio (the
@@ -59,26 +65,6 @@ MEDIA_ARRAY = "media."
 
 class SessionFileError(GemmaMLXError, ValueError):
     """A saved session that is unreadable, damaged, or belongs to another model."""
-
-
-def _model_signature(model: Any, tokenizer: Tokenizer) -> dict[str, Any]:
-    args = getattr(model, "args", None)
-    keys = ("model_type", "num_hidden_layers", "hidden_size", "vocab_size")
-    return {k: getattr(args, k, None) for k in keys} | {"tokenizer_vocab": tokenizer.vocab_size}
-
-
-def _checksum(
-    fields: Mapping[str, str], arrays: Mapping[str, mx.array], names: Sequence[str] = FIELDS
-) -> str:
-    """sha256 over the metadata fields `names` and every array's name, shape, dtype and bytes."""
-    digest = hashlib.sha256()
-    for key in names:
-        digest.update(f"{key}={fields[key]}\n".encode())
-    for name in sorted(arrays):
-        value = arrays[name]
-        digest.update(f"{name}|{value.shape}|{value.dtype}\n".encode())
-        digest.update(np.array(value.view(mx.uint8)).tobytes())
-    return digest.hexdigest()
 
 
 def _media_keys(messages: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -123,7 +109,7 @@ class ChatSession:
         self.messages: list[dict[str, Any]] = []
         if system:
             self.messages.append({"role": "system", "content": system})
-        self.cache = model.make_cache()
+        self.cache = self._fresh_cache()
         self.tokens: list[int] = []  # the tokens whose keys and values `cache` holds
         self.media: tuple[MediaItem, ...] = ()  # the images and clips among `tokens`
         self.encoded: dict[str, mx.array] = {}  # soft tokens of the history's media, by key
@@ -186,13 +172,18 @@ class ChatSession:
         ]
         return "".join(reply)
 
+    def _fresh_cache(self) -> list:
+        """Empty caches of the kinds the session's options ask for (`max_kv_size`, `kv_bits`)."""
+        caches = make_prompt_cache(self.model, self.options.get("max_kv_size"))
+        return quantize_caches(caches, kv_quantization_of(self.options))
+
     def _rewind(self, n: int) -> None:
         """Keep the first `n` cached tokens; start over when a cache cannot roll back that far."""
         drop = len(self.tokens) - n
         if drop and all(c.trim(drop) == drop for c in self.cache):
             self.tokens = self.tokens[:n]
         elif drop:
-            self.cache = self.model.make_cache()
+            self.cache = self._fresh_cache()
             self.tokens = []
         self.media = tuple(item for item in self.media if item.end <= len(self.tokens))
 
@@ -202,32 +193,20 @@ class ChatSession:
         path = Path(path)
         if path.exists():
             raise SessionFileError(f"{path}: already exists (choose another name)")
-        arrays = {
-            f"cache.{i}.{j}": a for i, c in enumerate(self.cache) for j, a in enumerate(c.state)
-        }
+        arrays = cache_arrays(self.cache)
         arrays |= {MEDIA_ARRAY + key: value for key, value in self.encoded.items()}
-        mx.eval(arrays)
         try:
             messages = json.dumps(to_json(self.messages))
         except TypeError as e:
             raise SessionFileError(f"{path}: the conversation cannot be saved as JSON ({e})") from e
-        fields = {
-            "signature": json.dumps(_model_signature(self.model, self.tokenizer)),
-            "weights": json.dumps(model_fingerprint(self.model)),
+        fields = identity_fields(self.model, self.tokenizer) | {
             "messages": messages,
             "tokens": json.dumps(self.tokens),
             "chat_template_kwargs": json.dumps(self.chat_template_kwargs),
-            "cache_types": json.dumps([type(c).__name__ for c in self.cache]),
-            "meta_state": json.dumps([list(c.meta_state) for c in self.cache]),
+            **cache_fields(self.cache),
             "media": json.dumps([list(item) for item in self.media]),
         }
-        metadata = {"format": FORMAT, **fields, "checksum": _checksum(fields, arrays)}
-
-        def write(partial: Path) -> None:
-            with partial.open("wb") as f:
-                mx.save_safetensors(f, arrays, metadata=metadata)
-
-        write_file_atomically(path, write)
+        write_cache_file(path, arrays, FORMAT, fields)
 
     @classmethod
     def load(
@@ -236,13 +215,8 @@ class ChatSession:
         """A session saved by `save`, continued with `model`, which must hold the same weights
         (checked by their fingerprint); damaged files are refused (checked by a checksum)."""
         path = Path(path)
-        arrays, fields = _read_session(path)
-        if fields["signature"] != _model_signature(model, tokenizer):
-            raise SessionFileError(f"{path}: was saved with a different model (other shapes)")
-        if fields["weights"] != model_fingerprint(model):
-            raise SessionFileError(
-                f"{path}: was saved with a different model (same shapes, other weights)"
-            )
+        arrays, fields = read_cache_file(path, FORMATS, SessionFileError, "a chat session")
+        check_identity(path, fields, model, SessionFileError, tokenizer)
         session = cls(model, tokenizer, chat_template_kwargs=fields["chat_template_kwargs"],
                       **options)  # fmt: skip
         if fields["cache_types"] != [type(c).__name__ for c in session.cache]:
@@ -260,32 +234,11 @@ class ChatSession:
                 for i, (cache, meta) in enumerate(
                     zip(session.cache, fields["meta_state"], strict=True)
                 ):
-                    cache.state = (arrays[f"cache.{i}.0"], arrays[f"cache.{i}.1"])
+                    n = sum(name.startswith(f"cache.{i}.") for name in arrays)
+                    cache.state = [arrays[f"cache.{i}.{j}"] for j in range(n)]
                     cache.meta_state = tuple(meta)
         except (KeyError, TypeError, ValueError) as e:
             raise SessionFileError(f"{path}: its cache cannot be restored ({e})") from e
         if session.cache and session.cache[0].offset != len(session.tokens):
             raise SessionFileError(f"{path}: its cache and token list disagree")
         return session
-
-
-def _read_session(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
-    """The arrays and the decoded metadata fields of a session file, after its checksum."""
-    try:
-        arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise SessionFileError(f"{path}: cannot be read as a saved chat session ({e})") from e
-    names = FORMATS.get(metadata.get("format"))
-    if names is None:
-        raise SessionFileError(
-            f"{path}: not a chat session saved by this version of gemma_mlx (format {FORMAT})"
-        )
-    missing = [key for key in (*names, "checksum") if key not in metadata]
-    if missing:
-        raise SessionFileError(f"{path}: damaged (no '{missing[0]}' in its metadata)")
-    if metadata["checksum"] != _checksum(metadata, arrays, names):
-        raise SessionFileError(f"{path}: damaged (its checksum does not match its contents)")
-    try:
-        return arrays, {key: json.loads(metadata[key]) for key in names}
-    except json.JSONDecodeError as e:
-        raise SessionFileError(f"{path}: damaged metadata ({e})") from e

@@ -26,6 +26,12 @@ from typing import Any, ClassVar, TextIO
 import mlx.core as mx
 
 from gemma_mlx import _platform
+from gemma_mlx.cache import (
+    DEFAULT_KV_GROUP_SIZE,
+    DEFAULT_QUANTIZED_KV_START,
+    KV_BITS,
+    KV_GROUP_SIZES,
+)
 from gemma_mlx.chat import ChatSession, user_content
 from gemma_mlx.drafters import assistant_beside, make_drafter
 from gemma_mlx.errors import GemmaMLXError, OptionError
@@ -34,7 +40,10 @@ from gemma_mlx.hub import load, resolve_model
 from gemma_mlx.loading import load_model as load_model_directory
 from gemma_mlx.media.audio import SAMPLING_RATE, read_audio
 from gemma_mlx.media.image import DEFAULT_SOFT_TOKENS, SOFT_TOKEN_BUDGETS, open_image
+from gemma_mlx.media.video import read_video
 from gemma_mlx.options import check_number, check_seed, check_text
+from gemma_mlx.outputs import check_target
+from gemma_mlx.prompt_cache import cache_prompt, load_prompt_cache, save_prompt_cache
 from gemma_mlx.sample import check_sampling_options
 from gemma_mlx.tokenizer import ANSWER, THOUGHT, TOOL_CALL
 
@@ -58,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         help="model directory, .gguf file or Hugging Face repo id "
         "(default: the built-in Gemma 3 270M base model)",
+    )
+    p.add_argument(
+        "--mmproj",
+        metavar="MMPROJ.gguf",
+        help="llama.cpp's vision/audio towers file of a Gemma 4 .gguf --model (converted with it)",
     )
     p.add_argument("-p", "--prompt", help="the prompt; '-' reads it from stdin")
     p.add_argument("-m", "--max-tokens", type=int, default=100, help="tokens to generate (100)")
@@ -119,12 +133,48 @@ def build_parser() -> argparse.ArgumentParser:
         help="an audio clip for the prompt, up to 30 s (repeatable; Gemma 4 E2B, E4B, 12B)",
     )
     p.add_argument(
+        "--video",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a video file for the prompt: 32 sampled frames (repeatable; Gemma 4 vision)",
+    )
+    p.add_argument(
         "--max-soft-tokens",
         type=int,
         choices=SOFT_TOKEN_BUDGETS,
         default=DEFAULT_SOFT_TOKENS,
         help=f"tokens an image may take (default {DEFAULT_SOFT_TOKENS})",
     )
+    p.add_argument(
+        "--prompt-cache-file",
+        metavar="FILE",
+        help="start from a prompt cache (python -m gemma_mlx.cache_prompt); the prompt is plain "
+        "text that continues the cached one",
+    )
+    p.add_argument(
+        "--kv-bits",
+        type=int,
+        choices=KV_BITS,
+        help="store the full-attention layers' keys and values in this many bits (less memory "
+        "for long contexts; default: unquantized)",
+    )
+    p.add_argument(
+        "--kv-group-size",
+        type=int,
+        choices=KV_GROUP_SIZES,
+        default=DEFAULT_KV_GROUP_SIZE,
+        help=f"values per quantization group with --kv-bits (default {DEFAULT_KV_GROUP_SIZE})",
+    )
+    p.add_argument(
+        "--quantized-kv-start",
+        type=int,
+        default=DEFAULT_QUANTIZED_KV_START,
+        metavar="N",
+        help="with --kv-bits, keep the first N positions unquantized "
+        f"(default {DEFAULT_QUANTIZED_KV_START})",
+    )
+    add_max_kv_size(p)
     p.add_argument("--verbose", action="store_true", help="also report BLAS, device and loading")
     return p
 
@@ -152,13 +202,20 @@ def check_options(args: argparse.Namespace) -> None:
         )
     if args.prefill_step_size is not None and args.prefill_step_size < 1:
         raise OptionError(f"--prefill-step-size must be >= 1, got {args.prefill_step_size}")
+    if args.quantized_kv_start < 0:
+        raise OptionError(f"--quantized-kv-start must be >= 0, got {args.quantized_kv_start}")
+    check_max_kv_size(args)
     if any(not check_text("--stop", s) for s in args.stop):
         raise OptionError("--stop strings must not be empty")
     if args.chat and args.no_chat_template:
         raise OptionError("--chat needs the chat template; drop --no-chat-template")
+    if args.chat and args.video:
+        raise OptionError("--video goes with one prompt (-p), not --chat")
     for option, value in (("--prompt", args.prompt), ("--system", args.system)):
         if value is not None:
             check_text(option, value)
+    if args.prompt_cache_file is not None:
+        check_prompt_cache_use(args)
     draft = args.draft_model
     if draft is not None and draft not in DRAFT_KEYWORDS and not (draft and Path(draft).is_dir()):
         raise OptionError(
@@ -166,11 +223,42 @@ def check_options(args: argparse.Namespace) -> None:
         )
 
 
+def add_max_kv_size(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-kv-size",
+        type=int,
+        metavar="N",
+        help="full-attention layers keep only their last N positions (bounded memory; the model "
+        "no longer sees what lies further back, so long-range recall is lost past N tokens)",
+    )
+
+
+def check_max_kv_size(args: argparse.Namespace) -> None:
+    if args.max_kv_size is not None and args.max_kv_size < 1:
+        raise OptionError(f"--max-kv-size must be >= 1, got {args.max_kv_size}")
+
+
+def check_prompt_cache_use(args: argparse.Namespace) -> None:
+    """--prompt-cache-file continues a plain-text prompt: no chat, template or media with it."""
+    clashing = {
+        "--chat": args.chat, "--system": args.system is not None,
+        "--use-chat-template": args.use_chat_template, "--image": args.image,
+        "--audio": args.audio, "--video": args.video,
+    }  # fmt: skip
+    for option, given in clashing.items():
+        if given:
+            raise OptionError(f"--prompt-cache-file continues a plain-text prompt: drop {option}")
+    if not Path(args.prompt_cache_file).is_file():
+        raise OptionError(f"--prompt-cache-file {args.prompt_cache_file}: no such file")
+
+
 def read_media(args: argparse.Namespace) -> tuple[list[Any], list[Any]]:
     """The --image and --audio files, decoded (and checked: format, pixel count, length) before
     the model is loaded: (PIL images, (16 kHz samples, 16000) clips)."""
     images = [open_image(path) for path in args.image]
     audio = [(read_audio(path), SAMPLING_RATE) for path in args.audio]
+    for path in args.video:  # checked now; decoded again when the prompt is prepared
+        read_video(path)
     return images, audio
 
 
@@ -280,6 +368,10 @@ def generation_options(args: argparse.Namespace, draft: Any) -> dict[str, Any]:
         "draft": draft,
         "num_draft": args.num_draft,
         "max_soft_tokens": args.max_soft_tokens,
+        "kv_bits": args.kv_bits,
+        "kv_group_size": args.kv_group_size,
+        "quantized_kv_start": args.quantized_kv_start,
+        "max_kv_size": args.max_kv_size,
     }
 
 
@@ -297,8 +389,8 @@ def step(what: str) -> Iterator[None]:
 def load_model(args: argparse.Namespace):
     start = time.perf_counter()
     with step(f"preparing the model {args.model or '(built-in)'}"):
-        path = resolve_model(args.model)
-    model, tokenizer = load(path, media=bool(args.image or args.audio))
+        path = resolve_model(args.model, args.mmproj)
+    model, tokenizer = load(path, media=bool(args.image or args.audio or args.video))
     model.path = path  # where --draft-model auto looks for an assistant
     if args.verbose:
         print(f"BLAS: {_platform.describe_blas()}", file=sys.stderr)
@@ -341,10 +433,15 @@ def uses_chat_template(args: argparse.Namespace, tokenizer) -> bool:
 
 def run_once(args, model, tokenizer, draft, prompt: str, media, out: TextOutput) -> None:
     images, audio = media
-    if uses_chat_template(args, tokenizer):
+    videos = args.video
+    prompt_cache = None
+    if args.prompt_cache_file is not None:  # the prompt continues the cached one, as plain text
+        prompt_cache = load_prompt_cache(args.prompt_cache_file, model)
+    elif uses_chat_template(args, tokenizer):
         messages = [{"role": "system", "content": args.system}] if args.system else []
-        prompt = [*messages, {"role": "user", "content": user_content(prompt, images, audio)}]
-        images, audio = [], []  # in the message's content parts
+        content = user_content(prompt, images, audio, videos)
+        prompt = [*messages, {"role": "user", "content": content}]
+        images, audio, videos = [], [], []  # in the message's content parts
     response = None
     for response in stream_generate(
         model,
@@ -353,6 +450,8 @@ def run_once(args, model, tokenizer, draft, prompt: str, media, out: TextOutput)
         chat_template_kwargs={"enable_thinking": True} if args.think else None,
         images=images,
         audio=audio,
+        videos=videos,
+        prompt_cache=prompt_cache,
         **generation_options(args, draft),
     ):
         out.write(response.channel, response.text)
@@ -481,3 +580,59 @@ def run(argv: Sequence[str] | None = None) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """The `gemma-mlx` console script and `python -m gemma_mlx.generate`."""
     return run(argv)
+
+
+def build_cache_prompt_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m gemma_mlx.cache_prompt",
+        description="Prefill a prompt once and save its KV cache, for gemma-mlx "
+        "--prompt-cache-file and load_prompt_cache.",
+    )
+    p.add_argument("--model", help="model directory, .gguf file or Hugging Face repo id "
+                   "(default: the built-in Gemma 3 270M base model)")  # fmt: skip
+    p.add_argument("-p", "--prompt", required=True,
+                   help="the prompt, as plain text; '-' reads it from stdin")  # fmt: skip
+    p.add_argument("--prompt-cache-file", required=True, metavar="FILE",
+                   help="where to write the cache (safetensors)")  # fmt: skip
+    p.add_argument("--force", action="store_true",
+                   help="replace FILE if it exists (a file, not a link or a directory)")  # fmt: skip
+    p.add_argument(
+        "--prefill-step-size", type=int, help="prompt tokens per forward pass (CPU 512, GPU 2048)"
+    )
+    p.add_argument("--verbose", action="store_true", help="also report BLAS, device and loading")
+    add_max_kv_size(p)
+    # What `load_model` reads: a text model.
+    p.set_defaults(image=[], audio=[], video=[], mmproj=None)
+    return p
+
+
+def run_cache_prompt(argv: Sequence[str] | None = None) -> int:
+    """`python -m gemma_mlx.cache_prompt`: the same error boundary as `run`."""
+    args = build_cache_prompt_parser().parse_args(argv)
+    try:
+        if args.prefill_step_size is not None and args.prefill_step_size < 1:
+            raise OptionError(f"--prefill-step-size must be >= 1, got {args.prefill_step_size}")
+        check_max_kv_size(args)
+        target = Path(args.prompt_cache_file)
+        check_target(target, directory=False, force=args.force)  # before the slow part
+        prompt = read_stdin() if args.prompt == "-" else check_text("--prompt", args.prompt)
+        if not prompt.strip():
+            raise OptionError("the prompt is empty")
+        model, tokenizer = load_model(args)
+        tokens = tokenizer.encode(prompt)
+        start = time.perf_counter()
+        progress = PromptProgress(sys.stderr.isatty())
+        cache = cache_prompt(model, tokens, args.prefill_step_size, progress, args.max_kv_size)
+        elapsed = time.perf_counter() - start
+        with step(f"writing {target}"):
+            save_prompt_cache(target, cache, model, force=args.force)
+    except KeyboardInterrupt as e:
+        print(file=sys.stderr)
+        return 128 + getattr(e, "signum", signal.SIGINT)
+    except Exception as e:
+        return report_error(e, args.verbose)
+    rate = len(tokens) / elapsed
+    print(f"Prompt: {len(tokens)} tokens, {rate:.3f} tokens-per-sec", file=sys.stderr)
+    print(f"Peak memory: {mx.get_peak_memory() / 1e9:.3f} GB", file=sys.stderr)
+    print(f"Saved to {target}", file=sys.stderr)
+    return 0

@@ -21,7 +21,9 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from gemma_mlx.cache import positions_from
 from gemma_mlx.decode import TokenStep, default_prefill_step_size, generate_tokens, prefill
+from gemma_mlx.distributed.stage import PipelineModel
 from gemma_mlx.models import gemma4_assistant
 from gemma_mlx.models.gemma4_assistant import kv_producers
 from gemma_mlx.sample import FilteredSampler, OptionError, Sampler, greedy
@@ -58,10 +60,10 @@ def pick(
 
 def committed_kv(cache, window: int | None) -> tuple[mx.array, mx.array]:
     """K/V of a target cache that a query at position `cache.offset` attends (window: sliding)."""
-    keys, values = cache.state
+    keys, values = cache.fetch()
     first_stored = cache.offset - keys.shape[2]
     first = 0 if window is None else max(0, cache.offset - window + 1)
-    return keys[:, :, first - first_stored :], values[:, :, first - first_stored :]
+    return positions_from(keys, first - first_stored), positions_from(values, first - first_stored)
 
 
 class AssistantDrafter:
@@ -264,6 +266,11 @@ def make_drafter(
     if isinstance(draft, (str, Path)):
         draft = _load_draft_model(Path(draft).resolve())
     if isinstance(draft, gemma4_assistant.Model):
+        if isinstance(target, PipelineModel):
+            raise OptionError(
+                "an MTP assistant reads the target's embedding and KV caches, which a pipeline "
+                "spreads over its ranks: use prompt-lookup or a separate draft model"
+            )
         return AssistantDrafter(draft, target)
     if isinstance(draft, nn.Module):
         return ModelDrafter(draft)

@@ -20,6 +20,12 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from gemma_mlx.cache import (
+    DEFAULT_KV_GROUP_SIZE,
+    DEFAULT_QUANTIZED_KV_START,
+    kv_quantization,
+    quantize_caches,
+)
 from gemma_mlx.decode import (
     ProgressCallback,
     TokenGenerator,
@@ -31,10 +37,12 @@ from gemma_mlx.decode import (
 from gemma_mlx.drafters import speculative_steps
 from gemma_mlx.errors import OptionError, OptionTypeError, PromptError
 from gemma_mlx.media.image import DEFAULT_SOFT_TOKENS, SOFT_TOKEN_BUDGETS
-from gemma_mlx.media.layout import with_placeholders
-from gemma_mlx.media.messages import attach_media, media_list, media_parts
+from gemma_mlx.media.layout import TextCodec, with_placeholders
+from gemma_mlx.media.messages import attach_media, media_list, media_parts, video_parts
 from gemma_mlx.media.prompt import PreparedPrompt, media_args, prepare
+from gemma_mlx.memory_guard import check_context
 from gemma_mlx.options import check_callable, check_int, check_text
+from gemma_mlx.prompt_cache import PromptCache, make_prompt_cache
 from gemma_mlx.sample import (
     LogitsProcessor,
     Sampler,
@@ -156,20 +164,30 @@ def prepare_prompt(
     max_soft_tokens: int = DEFAULT_SOFT_TOKENS,
     chat_template_kwargs: Mapping[str, Any] | None = None,
     encoded: dict[str, mx.array] | None = None,
+    videos: Any = (),
 ) -> PreparedPrompt:
-    """The prompt's token ids with its images and audio encoded (`gemma_mlx.media.prepare`).
+    """The prompt's token ids with its images, audio and videos encoded
+    (`gemma_mlx.media.prepare`).
 
     Chat messages take theirs from their content parts (`images`/`audio` given apart go in front of
-    the last user message's text); a text or token prompt takes `images` and `audio` at its
-    `<|image|>`/`<|audio|>` placeholders, or at its start when it has none.
+    the last user message's text; videos only as `{"type": "video", "video": path}` parts); a text
+    or token prompt takes `images`, `audio` and `videos` at its `<|image|>`/`<|audio|>`/`<|video|>`
+    placeholders, or at its start when it has none.
     `encoded` is a memo of soft tokens by content hash (a chat session's); a `PreparedPrompt` is
     returned as it is.
     """
     images, audio = media_list("images", images), media_list("audio", audio)
+    videos = media_list("videos", videos)
     if isinstance(prompt, PreparedPrompt):
-        if images or audio:
+        if images or audio or videos:
             raise OptionError("a PreparedPrompt holds its media already: pass no images or audio")
         return prompt
+    if _is_messages(prompt):
+        if videos:
+            raise OptionError(
+                "give videos as content parts of the messages ({'type': 'video', 'video': path})"
+            )
+        videos = video_parts(prompt)
     in_parts = media_parts(prompt) if _is_messages(prompt) else ([], [])
     if _is_messages(prompt) and (images or audio):
         if any(in_parts):
@@ -181,15 +199,20 @@ def prepare_prompt(
         in_parts = (images, audio)
     images, audio = in_parts if any(in_parts) else (images, audio)
     placeholders = {}
-    for needs, kind, items in (("images", "image", images), ("audio", "audio", audio)):
+    kinds = (("images", "image", images), ("audio", "audio", audio), ("videos", "video", videos))
+    for needs, kind, items in kinds:
         if items:  # a text-only model is refused before anything is rendered or read
             placeholders[kind] = getattr(media_args(model, needs).tokens, kind), len(items)
     ids = encode_prompt(tokenizer, prompt, chat_template_kwargs)
     _check_length(model, len(ids), 1)  # before encoding anything: media only add tokens
-    if not any(in_parts):  # content parts have their placeholders from the template
+    if not any(in_parts) and not _is_messages(prompt):  # parts: the template wrote them
         for placeholder, count in placeholders.values():
             ids = with_placeholders(ids, placeholder, count, tokenizer.bos_token_id)
-    return PreparedPrompt(*prepare(model, ids, images, audio, max_soft_tokens, encoded))
+    tokens, media = prepare(
+        model, ids, images, audio, max_soft_tokens, encoded, videos,
+        TextCodec.of(tokenizer),
+    )  # fmt: skip
+    return PreparedPrompt(tokens, media)
 
 
 def check_generation_options(model: Any, options: Mapping[str, Any]) -> None:
@@ -218,6 +241,7 @@ def _check_options(options: Mapping[str, Any]) -> None:
     StopStrings(options["stop"])
     media_list("images", options["images"])
     media_list("audio", options["audio"])
+    media_list("videos", options["videos"])
     if options["max_soft_tokens"] not in SOFT_TOKEN_BUDGETS:
         raise OptionError(
             f"max_soft_tokens must be one of {', '.join(map(str, SOFT_TOKEN_BUDGETS))}, "
@@ -231,7 +255,10 @@ def _check_options(options: Mapping[str, Any]) -> None:
     if kwargs is not None and not isinstance(kwargs, Mapping):
         raise OptionTypeError(f"chat_template_kwargs must be a mapping, got {kwargs!r}")
     _check_prompt_cache(options["model"], options["prompt_cache"])
+    if options["max_kv_size"] is not None:
+        check_int("max_kv_size", options["max_kv_size"], minimum=1)
     _check_draft(options["draft"], options["num_draft"])
+    kv_quantization(options["kv_bits"], options["kv_group_size"], options["quantized_kv_start"])
 
 
 def _sequence(name: str, value: Any) -> Sequence:
@@ -308,26 +335,43 @@ def stream_generate(
     images: Any = (),
     audio: Any = (),
     max_soft_tokens: int = DEFAULT_SOFT_TOKENS,
+    kv_bits: int | None = None,
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
+    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
+    max_kv_size: int | None = None,
+    videos: Any = (),
 ) -> Iterator[GenerationResponse]:
     """Generate from `prompt` (text, token ids, chat messages or a `PreparedPrompt`), one
     response per token.
 
     Greedy by default. `sampler`/`logits_processors` replace the ones the sampling options would
     build. `prompt_cache` (from `model.make_cache()`) is extended in place: when it already holds
-    the first tokens of the prompt, only the rest is prefilled. Generation stops at an
-    end-of-turn/eos token ("stop"), a stop string ("stop") or after `max_tokens` ("length").
+    the first tokens of the prompt, only the rest is prefilled; a `PromptCache`
+    (`load_prompt_cache`) knows its tokens, and `prompt` is then what follows them. Generation
+    stops at an end-of-turn/eos token ("stop"), a stop string ("stop") or after `max_tokens`
+    ("length"); a context that would not fit in memory is refused first (`memory_guard`).
     `token_generator` replaces `generate_tokens` (same arguments), e.g. by a draft/verify loop.
     `draft` (a drafter model or path, "prompt-lookup", or "auto": the assistant beside the model
     directory) is that loop, with `num_draft` drafts per round or "auto" (`gemma_mlx.drafters`).
     `images`/`audio` (a model loaded with its towers): sources for the prompt's placeholders, or
-    content parts of chat messages (`prepare_prompt`); an image takes up to `max_soft_tokens`
+    content parts of chat messages (`prepare_prompt`), and `videos` (files: 32 sampled frames
+    of 70 soft tokens each, `gemma_mlx.media.video`); an image takes up to `max_soft_tokens`
     (70, 140, 280, 560 or 1120) tokens. Drafting works with them: drafts are verified by the model,
-    which alone sees the images.
+    which alone sees the images. `kv_bits` (8 or 4) stores the full-attention layers' keys and
+    values quantized in groups of `kv_group_size`, from position `quantized_kv_start` on
+    (`gemma_mlx.cache.QuantizedKVCache`); a given `prompt_cache` is converted in place.
+    `max_kv_size`: full-attention layers keep only their last N positions (`make_prompt_cache`):
+    memory, but attention past N tokens back is lost; a given `prompt_cache` keeps its own kinds.
     """
     _check_options(locals())  # every argument, before any work
+    if isinstance(prompt_cache, PromptCache):  # from a file: the prompt continues its tokens
+        media = media_list("images", images) + media_list("audio", audio)
+        media += media_list("videos", videos)
+        prompt = prompt_cache.continued(tokenizer, prompt, media)
     prepared = prepare_prompt(
-        model, tokenizer, prompt, images, audio, max_soft_tokens, chat_template_kwargs
-    )
+        model, tokenizer, prompt, images, audio, max_soft_tokens, chat_template_kwargs,
+        videos=videos,
+    )  # fmt: skip
     ids = prepared.tokens
     max_tokens = _check_length(model, len(ids), max_tokens)
     if sampler is None:
@@ -337,7 +381,10 @@ def stream_generate(
             logit_bias, repetition_penalty, repetition_context_size, tokenizer.vocab_size
         )
     stops = StopStrings(stop)
-    cache = prompt_cache if prompt_cache is not None else model.make_cache()
+    cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model, max_kv_size)
+    quantization = kv_quantization(kv_bits, kv_group_size, quantized_kv_start)
+    quantize_caches(cache, quantization)
+    check_context(model, len(ids) + max_tokens, cache, prefill_step_size, max_kv_size, quantization)
     n_prompt = len(ids) - (cache[0].offset if cache else 0)
     detokenizer = tokenizer.detokenizer(tokenizer.channel_after(ids))
 
@@ -355,6 +402,8 @@ def stream_generate(
         model, ids, cache, sampler, logits_processors, max_tokens, prefill_step_size,
         prompt_progress,
     )  # fmt: skip
+    if isinstance(cache, PromptCache):
+        steps = cache.tracking(steps, ids)
     start = time.perf_counter()
     prompt_tps = 0.0
     for n, step in enumerate(steps, start=1):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gemma_mlx.builtin import builtin_gguf
-from gemma_mlx.errors import GemmaMLXError
+from gemma_mlx.errors import GemmaMLXError, OptionError
 from gemma_mlx.outputs import OutputExistsError, remove_stale_staging, staged_directory
 
 CACHE_ENV = "GEMMA_MLX_CACHE"
@@ -163,8 +163,13 @@ def _not_found(repo_id: str, error: Exception) -> ModelNotFoundError:
     )
 
 
-def resolve_model(path_or_repo: str | Path | None) -> Path:
-    """A model directory for a directory, a .gguf file, a repo id, or None (the built-in model)."""
+def resolve_model(path_or_repo: str | Path | None, mmproj: str | Path | None = None) -> Path:
+    """A model directory for a directory, a .gguf file, a repo id, or None (the built-in model).
+
+    `mmproj`: llama.cpp's towers file of a .gguf model, converted with it (a directory or repo
+    holds its own towers; a GGUF repo id brings its mmproj)."""
+    if mmproj is not None:
+        return _gguf_with_mmproj(path_or_repo, Path(mmproj).expanduser())
     if path_or_repo is None:
         return converted_gguf(builtin_gguf())
     path = Path(path_or_repo).expanduser()
@@ -190,18 +195,41 @@ def resolve_model(path_or_repo: str | Path | None) -> Path:
     )
 
 
+def _gguf_with_mmproj(path_or_repo: str | Path | None, mmproj: Path) -> Path:
+    path = None if path_or_repo is None else Path(path_or_repo).expanduser()
+    if path is None or path.suffix.lower() != ".gguf" or not path.is_file():
+        raise OptionError(
+            f"--mmproj {mmproj}: goes with a .gguf model file, got {path_or_repo or 'none'} (a "
+            "model directory holds its own towers; a GGUF repo id brings its mmproj)"
+        )
+    if not mmproj.is_file():
+        raise ModelNotFoundError(f"--mmproj {mmproj}: no such file")
+    return converted_gguf(path, mmproj=mmproj)
+
+
 def load(
     path_or_repo: str | Path | None = None,
     dtype: Any = None,
     dequantize: bool | None = None,
     media: bool | None = None,
+    mmproj: str | Path | None = None,
 ) -> tuple[Any, Any]:
     """(model, tokenizer) for a directory, a .gguf file, a Hugging Face repo id, or None for
     the built-in Gemma 3 270M. See `gemma_mlx.loading.load_model` for `dtype`/`dequantize`;
     `media`: a Gemma 4 checkpoint's vision and audio towers are loaded when it has them (None),
-    required (True) or skipped to save their memory (False)."""
+    required (True) or skipped to save their memory (False); `mmproj`: llama.cpp's towers file of
+    a .gguf model (`resolve_model`). Under `mlx.launch` with several ranks, each rank loads its
+    part of a pipeline (`gemma_mlx.distributed`, text only)."""
+    from gemma_mlx.distributed import load_pipeline, pipeline_group
     from gemma_mlx.loading import load as load_directory
+    from gemma_mlx.tokenizer import load_tokenizer
 
-    return load_directory(
-        resolve_model(path_or_repo), dtype=dtype, dequantize=dequantize, media=media
-    )
+    group = pipeline_group()
+    if group is None:
+        return load_directory(
+            resolve_model(path_or_repo, mmproj), dtype=dtype, dequantize=dequantize, media=media
+        )
+    if media:
+        raise OptionError("images and audio are not available on a pipelined model (mlx.launch)")
+    path = resolve_model(path_or_repo, mmproj)
+    return load_pipeline(path, group, dtype, dequantize), load_tokenizer(path)

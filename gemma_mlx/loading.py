@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from gemma_mlx import machine_memory
 from gemma_mlx.errors import (
     ConfigError,
     GemmaMLXError,
@@ -34,8 +34,6 @@ from gemma_mlx.fingerprint import fingerprint, tensor_sample
 from gemma_mlx.models import get_model_classes, q6k
 from gemma_mlx.models.gemma4_multimodal import OWN_PREFIXES, has_towers, holds_towers
 
-# Fraction of physical memory a model may take. The rest is for the KV cache, activations and the OS.
-MEMORY_FRACTION = 0.85
 # On the CPU backend, expand quantized weights to float32 only while the result stays this small.
 DEQUANTIZE_FRACTION = 0.5
 # Config sizes a model is built from, and their least valid value (0: "feature off"). Checked
@@ -280,7 +278,7 @@ def check_names_and_shapes(
 def physical_memory() -> int:
     if mx.metal.is_available():
         return int(mx.metal.device_info()["memory_size"])
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return machine_memory.physical_memory()
 
 
 def _final_nbytes(value: mx.array, dtype: mx.Dtype) -> int:
@@ -410,12 +408,14 @@ def load_model(
         for name, value in weights.items()
     }
     needed = sum(_final_nbytes(v, dtype) for v in weights.values())
-    limit = physical_memory()
-    if needed > MEMORY_FRACTION * limit:
+    available = machine_memory.available_memory()
+    if needed > available:
         raise ModelTooLargeError(
-            f"{model_dir}: the model needs {needed / 2**30:.1f} GiB as {dtype}, this machine has "
-            f"{limit / 2**30:.1f} GiB (pass a quantized checkpoint or a smaller dtype)"
+            f"{model_dir}: the weights need {needed / 1e9:.2f} GB as {dtype}, this machine can "
+            f"give {available / 1e9:.2f} GB (pass a quantized checkpoint, a smaller dtype or a "
+            "smaller model)"
         )
+    machine_memory.raise_wired_limit()
     model.load_weights(list(final.items()), strict=False)
     samples = {name: tensor_sample(value) for name, value in weights.items()}
     described = {name: (value.shape, value.dtype) for name, value in weights.items()}
@@ -430,7 +430,10 @@ def load_model(
 
     if dequantize is None:
         extra = _quantized_dense_bytes(model, dtype)
-        dequantize = mx.default_device() == mx.cpu and needed + extra < DEQUANTIZE_FRACTION * limit
+        dequantize = (
+            mx.default_device() == mx.cpu
+            and needed + extra < DEQUANTIZE_FRACTION * physical_memory()
+        )
     if dequantize:
         dequantize_modules(model, dtype)
         for _, value in tree_flatten(model.parameters()):

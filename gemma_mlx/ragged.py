@@ -11,7 +11,10 @@ cache has one rotation for all. Ragged rows keep each sequence's own caches
 (`model.make_cache()`, the same `KVCache`/`RotatingKVCache` as alone): its attention is the very
 call it makes alone (same shapes, same keys, same mask), it joins and leaves without a copy,
 trims on its own after a speculative verify, and the prefix cache hands its caches over as they
-are. The price is one attention call per sequence and layer instead of one per layer.
+are. Attention stays one call per layer for the sequences whose calls have the same shapes (as
+many new tokens, as many cached keys, the same mask): `RaggedBatch.attention` stacks them on the
+batch axis, and MLX computes each batch entry of an attention call on its own, so each gets the
+very values of its call alone. Sequences at different lengths attend in separate calls.
 
 A `RaggedBatch` is the layout of one pass: which rows belong to which sequence, the position of
 each sequence's first new token, and each sequence's attention masks; `kept()` is the layout of
@@ -20,14 +23,18 @@ the rows whose outputs are wanted (KV-shared layers and the output head need no 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
 
 from gemma_mlx.cache import attention_mask, window_start
+from gemma_mlx.kernels.attention import kernel_covers
+from gemma_mlx.kernels.backend import active_kernels
 
 Mask = str | mx.array | None
+# attend(q [B, heads, T, D], k, v [B, kv heads, positions, D], mask) -> [B, heads, T, D]
+Attend = Callable[[mx.array, mx.array, mx.array, Mask], mx.array]
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,7 @@ class RaggedBatch:
             t: [self._mask(i, w) for i in range(len(self.segments))]
             for t, w in self.windows.items()
         }
+        self._reused_stacks: dict[tuple, tuple] = {}  # see `_stacks`
 
     def query_start(self, i: int) -> int:
         """Position of segment i's first row in this layout."""
@@ -110,3 +118,74 @@ class RaggedBatch:
             for r in range(max(first, last - s.keep), last)
         ]
         return mx.array(index, dtype=mx.int32)
+
+    def attention(
+        self,
+        q: mx.array,
+        kvs: Sequence[tuple],
+        layer_type: str,
+        attend: Attend,
+        reused: bool = False,
+    ) -> mx.array:
+        """Attention of every row, [rows, heads * D] in row order: `q` [rows, heads, 1, D] (rows
+        as one-position sequences), `kvs[i]` segment i's cached keys and values [1, kv heads,
+        positions, D]. Segments whose calls have the same shapes and mask attend in one call,
+        stacked on the batch axis; keys or values MLX cannot stack (a quantized cache's), or a
+        call our one-sequence decode kernel would take, stay one call per segment. `reused`:
+        `kvs` are read by more layers of this pass (KV sharing): their stacks are made once."""
+        masks = self.masks[layer_type]
+        kernel = active_kernels() is not None
+        groups: dict[tuple, list[int]] = {}
+        for i, ((first, last), (k, v)) in enumerate(zip(self.rows, kvs, strict=True)):
+            if first == last:
+                continue
+            mask = masks[i]
+            alone = (
+                not isinstance(k, mx.array)
+                or not isinstance(v, mx.array)
+                or not (mask is None or isinstance(mask, str))
+                or (kernel and kernel_covers(self._queries(q, [i]), k, v, mask))
+            )
+            key = ("alone", i) if alone else (last - first, k.shape, v.shape, k.dtype, mask)
+            groups.setdefault(key, []).append(i)
+        outs, order = [], []
+        for members in groups.values():
+            k, v = self._stacks(kvs, members, reused)
+            out = attend(self._queries(q, members), k, v, masks[members[0]])
+            G, heads, T, D = out.shape
+            outs.append(out.transpose(0, 2, 1, 3).reshape(G * T, heads * D))
+            order += members
+        out = _stacked(outs)
+        if order != sorted(order):  # back to row order
+            rows = [r for i in order for r in range(*self.rows[i])]  # the row of each output
+            index = sorted(range(len(rows)), key=rows.__getitem__)
+            out = out[mx.array(index, dtype=mx.int32)]
+        return out
+
+    def _stacks(
+        self, kvs: Sequence[tuple], members: list[int], reused: bool
+    ) -> tuple[mx.array, mx.array]:
+        """Segments `members`' keys and values, each stacked on the batch axis."""
+        key = (id(kvs), tuple(members))
+        if reused and key in self._reused_stacks:
+            return self._reused_stacks[key][1:]
+        k, v = (_stacked([kvs[i][j] for i in members]) for j in (0, 1))
+        if reused:  # holding `kvs` keeps its id its own while the entry lives
+            self._reused_stacks[key] = (kvs, k, v)
+        return k, v
+
+    def _queries(self, q: mx.array, members: list[int]) -> mx.array:
+        """The rows of segments `members` (as many rows each) as [members, heads, T, D]."""
+        first, last = self.rows[members[0]]
+        T = last - first
+        if all(self.rows[i][0] == first + j * T for j, i in enumerate(members)):
+            rows = q[first : first + len(members) * T]
+        else:
+            index = [r for i in members for r in range(*self.rows[i])]
+            rows = q[mx.array(index, dtype=mx.int32)]
+        _, heads, _, D = q.shape
+        return rows.reshape(len(members), T, heads, D).transpose(0, 2, 1, 3)
+
+
+def _stacked(arrays: list[mx.array]) -> mx.array:
+    return arrays[0] if len(arrays) == 1 else mx.concatenate(arrays)

@@ -89,13 +89,15 @@ def write_gguf(
     path: Path,
     qtype: GGMLQuantizationType = GGMLQuantizationType.Q4_0,
     choose: Callable[[str, np.ndarray], GGMLQuantizationType] | None = None,
+    special: dict[int, str] | None = None,
 ) -> dict[str, np.ndarray]:
     """Write `model` as llama.cpp would; returns the dequantized values, by HF name. `choose`
-    (HF name, value) -> type picks each tensor's type (default: `qtype` where it fits, F32)."""
+    (HF name, value) -> type picks each tensor's type (default: `qtype` where it fits, F32);
+    `special`: token id -> spelling of control tokens (e.g. the image/audio placeholders)."""
     config = model.config.get_text_config()
     arch = "gemma3" if config.model_type.startswith("gemma3") else "gemma4"
     writer = GGUFWriter(path, arch)
-    _write_metadata(writer, arch, config)
+    _write_metadata(writer, arch, config, special or {})
     stored = {}
     for name, value in hf_tensors(model).items():
         if arch == "gemma3" and name.endswith("norm.weight"):
@@ -176,7 +178,7 @@ def reference_state_dict(model: torch.nn.Module, stored: dict[str, np.ndarray]) 
     model.load_state_dict(state, strict=False)
 
 
-def _write_metadata(writer: GGUFWriter, arch: str, c) -> None:
+def _write_metadata(writer: GGUFWriter, arch: str, c, special: dict[int, str]) -> None:
     n = c.num_hidden_layers
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
@@ -225,17 +227,20 @@ def _write_metadata(writer: GGUFWriter, arch: str, c) -> None:
             writer.add_expert_count(a.num_experts)
             writer.add_expert_used_count(a.top_k_experts)
             writer.add_expert_feed_forward_length(a.moe_intermediate_size)
-    _write_vocabulary(writer, c.vocab_size)
+    _write_vocabulary(writer, c.vocab_size, special)
 
 
-def _write_vocabulary(writer: GGUFWriter, size: int) -> None:
-    """A SentencePiece vocabulary: specials, the 256 byte tokens, then word pieces."""
+def _write_vocabulary(writer: GGUFWriter, size: int, special: dict[int, str]) -> None:
+    """A SentencePiece vocabulary: specials, the 256 byte tokens, then word pieces; `special`
+    replaces the pieces at its ids by control tokens."""
     pieces = [f"<0x{b:02X}>" for b in range(256)]
     words = ["▁", *"abcdefghijklmnopqrstuvwxyz"]
     more = [a + b for a in words for b in words[1:]]
     tokens = (SPECIAL + pieces + words + more)[:size]
     types = [TokenType.CONTROL] * 3 + [TokenType.UNKNOWN] + [TokenType.BYTE] * 256
     types += [TokenType.NORMAL] * (size - len(types))
+    for token_id, spelling in special.items():
+        tokens[token_id], types[token_id] = spelling, TokenType.CONTROL
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
     writer.add_token_scores([-float(i) for i in range(size)])

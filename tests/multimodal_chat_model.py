@@ -33,6 +33,7 @@ CHAT_TEMPLATE = (
     "{% else %}{% for item in message['content'] %}"
     "{% if item['type'] == 'image' %}{{ '<|image|>' }}"
     "{% elif item['type'] == 'audio' %}{{ '<|audio|>' }}"
+    "{% elif item['type'] == 'video' %}{{ '<|video|>' }}"
     "{% elif item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}"
     "{% endfor %}{% endif %}"
     "{{ '<turn|>\n' }}"

@@ -62,21 +62,39 @@ class ScriptedModel:
     def __init__(self, inner: Any, script: dict[int, int] | None = None):
         self.inner = inner
         self.args = inner.args
+        self.model = inner.model  # what memory estimates read (the embedding's dtype)
         self.script = script or {}
 
-    def make_cache(self) -> list:
-        return self.inner.make_cache()
+    def make_cache(self, max_trim: int = 32) -> list:
+        return self.inner.make_cache(max_trim=max_trim)
+
+    def parameters(self):
+        return self.inner.parameters()
 
     def __call__(self, inputs: mx.array, cache=None, logits_to_keep: int | None = None):
         start = cache[0].offset if cache else 0
         logits = self.inner(inputs, cache=cache, logits_to_keep=logits_to_keep)
-        rows, length = logits.shape[1], inputs.shape[1]
-        bonus = np.zeros(logits.shape[1:], np.float32)
-        for r in range(rows):
-            token = self.script.get(start + length - rows + r + 1)
-            if token is not None:
-                bonus[r, token] = 1e4
-        return logits + mx.array(bonus)[None]
+        return logits + self._bonus([(start + inputs.shape[1], logits.shape[1])], logits)[None]
+
+    def batched(self, inputs: mx.array, segments: list, return_hidden: bool = False):
+        """`gemma4.Model.batched` with the script's bonus on each segment's kept rows."""
+        ends = [(s.cache[0].offset + s.length, s.keep) for s in segments]
+        logits, hidden = self.inner.batched(inputs, segments, return_hidden=True)
+        logits = logits + self._bonus(ends, logits)
+        return (logits, hidden) if return_hidden else logits
+
+    def _bonus(self, ends: list[tuple[int, int]], logits: mx.array) -> mx.array:
+        """Rows of +1e4 on the scripted token of each position: `ends` holds (position after
+        the last fed token, rows kept) per sequence, their rows in order in `logits`."""
+        bonus = np.zeros(logits.shape[-2:], np.float32)
+        row = 0
+        for end, rows in ends:
+            for r in range(rows):
+                token = self.script.get(end - rows + r + 1)
+                if token is not None:
+                    bonus[row, token] = 1e4
+                row += 1
+        return mx.array(bonus)
 
     def follow(self, prompt: Sequence[int], reply: Sequence[int]) -> None:
         """Make the greedy reply to `prompt` start with `reply`."""

@@ -143,6 +143,23 @@ def test_batch_sizes(case, tokenizer, size):
     assert_each_equals_solo([tokens[u] for u in uids], [references[i] for i in order])
 
 
+@pytest.mark.parametrize("variant", ["e2b", "gemma3"])
+def test_same_length_prompts_attend_stacked_and_each_gets_its_tokens(variant, tokenizer):
+    """Different prompts of one length (some past the window) decode in step: their attention
+    runs stacked, one call per layer (`RaggedBatch.attention`); leaving at different steps
+    changes the stacks. Each still gets its tokens alone."""
+    model = random_target(variant, window=WINDOW)
+    prompts = random_prompts(6, (20, 20), VOCAB, seed=7) + random_prompts(3, (9, 9), VOCAB, 8)
+    limits = [5 + i % 4 for i in range(len(prompts))]
+    references = [solo_tokens(model, tokenizer, p, m) for p, m in zip(prompts, limits, strict=True)]
+    scheduler = BatchScheduler(model, tokenizer, prefill_step_size=CHUNK, kv_budget=2**30)
+    uids = [scheduler.submit(p, m) for p, m in zip(prompts, limits, strict=True)]
+    tokens = {uid: [] for uid in uids}
+    for uid, response in scheduler.run():
+        tokens[uid].append(response.token)
+    assert_each_equals_solo([tokens[u] for u in uids], references)
+
+
 @pytest.mark.parametrize("case", ["31b"], indirect=True)
 def test_long_prompt_prefills_between_decoding_steps(case, tokenizer):
     """A 200-token prompt arriving while others decode: every step still gives each decoding

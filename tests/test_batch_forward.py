@@ -150,12 +150,13 @@ def test_bad_segment(length, keep):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_batch_is_bitwise_each_alone(variant, dtype):
     """MLX's CPU half-precision products compute each row on its own: in bfloat16 and float16
-    a ragged batch is bit for bit each sequence alone. (The MoE variant's expert products have no
+    a ragged batch is bit for bit each sequence alone, also where sequences attend stacked. (The MoE variant's expert products have no
     half-precision CPU kernel in MLX, alone or batched.)"""
     model = random_target(variant, window=WINDOW)
     model.set_dtype(getattr(mx, dtype))
-    histories = [tokens(5, 13), tokens(40, 14), tokens(9, 15)]
-    new = [tokens(1, 16), tokens(1, 17), tokens(3, 18)]
+    # The 1st and 5th, and the 2nd and 4th, have the same shapes: they attend stacked.
+    histories = [tokens(5, 13), tokens(40, 14), tokens(9, 15), tokens(40, 19), tokens(5, 20)]
+    new = [tokens(1, 16), tokens(1, 17), tokens(3, 18), tokens(1, 21), tokens(1, 22)]
     solo = [model.make_cache() for _ in histories]
     batched = [model.make_cache() for _ in histories]
     for cache_s, cache_b, history in zip(solo, batched, histories, strict=True):
@@ -166,3 +167,60 @@ def test_half_precision_batch_is_bitwise_each_alone(variant, dtype):
     expected = mx.concatenate([model(mx.array([n]), c)[0] for c, n in zip(solo, new, strict=True)])
     assert got.dtype == getattr(mx, dtype)
     assert mx.array_equal(got, expected).item()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_stacked_attention_is_each_segment_alone(dtype):
+    """`RaggedBatch.attention` puts segments with the same shapes and mask in one call: each
+    segment's output is bit for bit its call alone, in row order (a group that is not
+    contiguous in the rows, a multi-row group, a window mask that keeps its segment alone, a
+    segment with no kept rows)."""
+
+    class Cache:
+        def __init__(self, offset):
+            self.offset = offset
+
+    feeds = [(20, 1, 1), (20, 1, 1), (7, 3, 3), (20, 1, 1), (7, 3, 3), (7, 3, 0), (2, 5, 5)]
+    segments = [Segment([Cache(offset)], n, keep) for offset, n, keep in feeds]
+    layout = RaggedBatch.of(segments, {"sliding": 4, "full": None}).kept()
+    heads, kv_heads, D = 4, 2, 32
+    rng = np.random.default_rng(23)
+
+    def normal(*shape):
+        return mx.array(rng.standard_normal(shape).astype(np.float32)).astype(getattr(mx, dtype))
+
+    q = normal(layout.n_rows, heads, 1, D)
+    calls = []  # the batch size of each attention call
+
+    def attend(q, k, v, mask):
+        calls.append(q.shape[0])
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask=mask)
+
+    for layer_type in ("full", "sliding"):
+        kvs = [
+            tuple(normal(1, kv_heads, offset + n - max(0, offset - 3), D) for _ in "kv")
+            if layer_type == "sliding"
+            else tuple(normal(1, kv_heads, offset + n, D) for _ in "kv")
+            for offset, n, _ in feeds
+        ]
+        calls.clear()
+        got = layout.attention(q, kvs, layer_type, attend)
+        alone = []
+        for i, (first, last) in enumerate(layout.rows):
+            if first < last:
+                qi = q[first:last].transpose(2, 1, 0, 3)
+                out = attend(qi, *kvs[i], layout.masks[layer_type][i])
+                alone.append(out.transpose(0, 2, 1, 3).reshape(last - first, -1))
+        expected = mx.concatenate(alone)
+        stacked = calls[: len(calls) - len(alone)]
+        assert sorted(stacked) == ([1, 2, 3] if layer_type == "full" else [1, 1, 1, 3])
+        assert got.shape == expected.shape
+        assert mx.array_equal(got, expected).item(), layer_type
+        # KV-shared layers read one owner's keys and values: stacked once, then reused, and
+        # never mistaken for other keys and values.
+        reused = layout.attention(q, kvs, layer_type, attend, reused=True)
+        assert mx.array_equal(reused, expected).item()
+        other = [(k + 1, v) for k, v in kvs]
+        got = layout.attention(q, other, layer_type, attend, reused=True)
+        assert not mx.array_equal(got, reused).item()
+        assert mx.array_equal(got, layout.attention(q, other, layer_type, attend)).item()

@@ -3,75 +3,19 @@ re-rounding (mlx-lm's `convert -q`) would lose."""
 
 from __future__ import annotations
 
-import json
-
 import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from convert_sources import is_quantized_linear, put_on_q4_0_grid, write_compressed_tensors
 from gemma_mlx.convert import convert
-from gemma_mlx.convert.mlx_format import dequantize, quantize_q4_0
 from hf_reference import VARIANTS, VOCAB, reference_logits, save_reference
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tiny_chat_model import write_tokenizer
 
 from gemma_mlx.loading import load_model
 
 PROMPT = np.random.default_rng(4).integers(4, VOCAB, 19).tolist()
-QUANTIZED = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.")
-
-
-def is_quantized_linear(name: str) -> bool:
-    return name.endswith(".weight") and any(part in name for part in QUANTIZED)
-
-
-def write_compressed_tensors(
-    directory, group_size: int, symmetric: bool
-) -> dict[str, torch.Tensor]:
-    """Quantize the checkpoint in `directory` with compressed-tensors' own quantizer and packer;
-    returns its own decompression of every quantized weight (float32), by name."""
-    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
-    from compressed_tensors.quantization import (
-        QuantizationArgs,
-        QuantizationConfig,
-        QuantizationScheme,
-    )
-    from compressed_tensors.quantization.utils import calculate_qparams
-
-    args = QuantizationArgs(
-        num_bits=4, type="int", symmetric=symmetric, strategy="group", group_size=group_size
-    )
-    scheme = QuantizationScheme(targets=["Linear"], weights=args)
-    path = next(directory.glob("*.safetensors"))
-    state = load_file(path)
-    out, decompressed = {}, {}
-    for name, weight in state.items():
-        if not is_quantized_linear(name):
-            out[name] = weight
-            continue
-        weight = weight.to(torch.bfloat16)  # as released: bf16 weights, so bf16 scales
-        groups = weight.float().reshape(weight.shape[0], -1, group_size)
-        scale, zero = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
-        module = {
-            "weight": weight,
-            "weight_scale": scale.to(weight.dtype),
-            "weight_zero_point": zero,
-        }
-        compressed = PackedQuantizationCompressor.compress(module, scheme)
-        base = name.removesuffix(".weight")
-        out |= {f"{base}.{key}": value for key, value in compressed.items()}
-        # Its own dequantization, carried out in float32 (in bf16 it would round (q - zp) * scale).
-        in_float32 = dict(compressed, weight_scale=compressed["weight_scale"].float())
-        decompressed[name] = PackedQuantizationCompressor.decompress(in_float32, scheme)["weight"]
-    path.unlink()
-    save_file(out, directory / "model.safetensors")
-    config = json.loads((directory / "config.json").read_text())
-    qc = QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized")
-    config["quantization_config"] = qc.model_dump(mode="json") | {
-        "quant_method": "compressed-tensors"
-    }
-    (directory / "config.json").write_text(json.dumps(config))
-    return decompressed
 
 
 def load_into(torch_model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
@@ -117,13 +61,7 @@ def test_qat_checkpoint_keeps_its_grid_where_mlx_lm_does_not(tmp_path):
     """Weights on the Q4_0 grid (what QAT trains) convert with zero error; mlx-lm re-rounds them."""
     torch_model = save_reference(VARIANTS["gemma3"](), tmp_path / "qat")
     write_tokenizer(tmp_path / "qat")
-    path = tmp_path / "qat" / "model.safetensors"
-    state = load_file(path)
-    for name, weight in state.items():
-        if is_quantized_linear(name):
-            on_grid = dequantize(quantize_q4_0(weight.float().numpy(), 32))
-            state[name] = torch.from_numpy(on_grid).to(weight.dtype)
-    save_file(state, path)
+    state = put_on_q4_0_grid(tmp_path / "qat")
     load_into(torch_model, {k: v.float() for k, v in state.items() if is_quantized_linear(k)})
 
     report = convert(tmp_path / "qat", tmp_path / "ours", progress=False)

@@ -129,3 +129,26 @@ def test_pick_gguf_files():
     assert pick_gguf_files(REPO, ["m.gguf"], None) == ("m.gguf", None)
     with pytest.raises(ModelNotFoundError, match="holds 0 model GGUF files"):
         pick_gguf_files(REPO, ["mmproj.gguf"], None)
+
+
+def test_gguf_repo_with_mmproj_converts_into_the_multimodal_model(caches, tmp_path):
+    """The real converter on a repo's model GGUF and mmproj: one cache entry, with the towers."""
+    from gguf import GGMLQuantizationType
+    from gguf_reference import write_gguf
+    from mmproj_reference import write_mmproj
+    from multimodal_chat_model import MEDIA_TOKENS
+    from multimodal_reference import VARIANTS, save_reference
+
+    from gemma_mlx.models.gemma4_multimodal import Model
+
+    _, hf = caches
+    torch_model = save_reference(VARIANTS["e2b"](), tmp_path / "src")
+    write_gguf(torch_model, tmp_path / "m.gguf", GGMLQuantizationType.Q8_0, special=MEDIA_TOKENS)
+    write_mmproj(torch_model, tmp_path / "mmproj.gguf")
+    files = {"tiny-q8_0.gguf": (tmp_path / "m.gguf").read_bytes(),
+             "mmproj-tiny-f16.gguf": (tmp_path / "mmproj.gguf").read_bytes()}  # fmt: skip
+    cached_repo(hf, REPO, files)
+    directory = resolve_model(REPO)
+    assert resolve_model(REPO) == directory  # converted once
+    model, _ = hub.load(REPO)
+    assert isinstance(model, Model) and model.media_args.audio is not None

@@ -4,10 +4,8 @@ token layout; and one clear error for each kind of bad input."""
 
 from __future__ import annotations
 
-import ast
 import base64
 import io
-import math
 import struct
 import zlib
 from pathlib import Path
@@ -17,9 +15,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-import transformers
 from multimodal_reference import random_image
 from PIL import Image
+from processor_functions import patch_positions, processor_functions, torchvision_resize
 from transformers.audio_utils import load_audio
 from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
 from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
@@ -31,9 +29,10 @@ from transformers.models.gemma4_unified.feature_extraction_gemma4_unified import
 from gemma_mlx.errors import MediaError
 from gemma_mlx.media import prepare
 from gemma_mlx.media.audio import log_mel, mel_frames, read_audio, waveform_frames
-from gemma_mlx.media.image import image_patches, open_image
+from gemma_mlx.media.image import image_patches, open_image, to_rgb
 from gemma_mlx.media.layout import expand, video_text
 from gemma_mlx.media.messages import media_parts
+from gemma_mlx.media.resize import resize_bicubic_uint8
 from gemma_mlx.models.gemma4_audio import output_length
 
 # (height, width, channels, format): landscape, portrait, extreme strips, tiny, alpha, greyscale.
@@ -69,33 +68,51 @@ def test_image_patches_equal_the_processor(tmp_path, height, width, channels, fm
     assert np.abs(ours.patches - ref["pixel_values"][0][real]).max() <= 1e-5
 
 
-def hf_patches_merge():
-    """transformers' `patches_merge` (its module imports torchvision, which we do not install):
-    the function's own source, compiled here."""
-    path = (
-        Path(transformers.__file__).parent
-        / "models/gemma4_unified/image_processing_gemma4_unified.py"
-    )
-    tree = ast.parse(path.read_text())
-    node = next(n for n in tree.body if getattr(n, "name", None) == "patches_merge")
-    namespace = {"torch": torch, "math": math}
-    exec(compile(ast.Module([node], []), str(path), "exec"), namespace)
-    return namespace["patches_merge"]
+def unified_reference(image: Image.Image, budget: int) -> tuple[np.ndarray, np.ndarray]:
+    """`Gemma4UnifiedImageProcessor._preprocess` for one image: (merged patches, positions)."""
+    module = "gemma4_unified/image_processing_gemma4_unified"
+    f = processor_functions(module, "convert_image_to_patches", "patches_merge")
+    pixels = torchvision_resize(to_rgb(image), budget, module)
+    patches = f["convert_image_to_patches"](pixels, 16)
+    positions = patch_positions(*pixels.shape[-2:], len(patches))
+    merged, merged_positions = f["patches_merge"](patches[None], positions[None], len(patches) // 9)
+    return merged[0].numpy(), merged_positions[0].numpy()
 
 
-@pytest.mark.parametrize(("height", "width", "channels", "fmt"), IMAGES[:4])
-def test_merged_patches_equal_the_12b_processor_merge(tmp_path, height, width, channels, fmt):
-    """The 12B's processor merges each 3 x 3 block of 16-pixel patches into one 48-pixel patch
-    (after a torchvision resize we replace by Pillow's; the merge itself is compared here)."""
+@pytest.mark.parametrize(("height", "width", "channels", "fmt"), IMAGES)
+@pytest.mark.parametrize("budget", [280, 70])
+def test_merged_patches_equal_the_12b_processor(tmp_path, height, width, channels, fmt, budget):
+    """The 12B's processor: torchvision's uint8 resize (reproduced in numpy), then each 3 x 3
+    block of 16-pixel patches merged into one 48-pixel patch; Pillow's resize is off by a level
+    at some pixels, so an image that is resized tells the two apart."""
     path = image_file(tmp_path, height, width, channels, fmt)
-    small = image_patches(path)
-    merged, positions = hf_patches_merge()(
-        torch.tensor(small.patches)[None], torch.tensor(small.positions)[None], small.soft_tokens
-    )
-    ours = image_patches(path, merge=True)
-    assert ours.soft_tokens == small.soft_tokens
-    np.testing.assert_array_equal(ours.positions, positions[0].numpy())
-    np.testing.assert_array_equal(ours.patches, merged[0].numpy())
+    expected, positions = unified_reference(open_image(path), budget)
+    ours = image_patches(path, max_soft_tokens=budget, merge=True)
+    assert ours.soft_tokens == len(expected)
+    np.testing.assert_array_equal(ours.positions, positions)
+    assert np.abs(ours.patches - expected).max() <= 1e-5
+    pillow = image_patches(path, max_soft_tokens=budget, merge=True, resize="pil").patches
+    assert (height, width) == (16, 16) or np.abs(pillow - expected).max() > 1e-3
+
+
+def test_torchvision_resize_in_numpy_equals_torch():
+    """`resize_bicubic_uint8` against torch's uint8 antialiased bicubic (the op torchvision's
+    resize runs for uint8 images on the CPU): down and up, one side or both, strong downscales,
+    plain and channels-last layouts; equal to the level."""
+    rng = np.random.default_rng(0)
+    shapes = [((100, 150), (48, 96)), ((37, 500), (48, 432)), ((50, 50), (96, 96)),
+              ((300, 200), (300, 144)), ((1200, 90), (96, 48)), ((7, 9), (5, 13))]  # fmt: skip
+    for (h, w), size in shapes:
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        ours = resize_bicubic_uint8(pixels, *size)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            tensor = (
+                torch.from_numpy(pixels).permute(2, 0, 1)[None].contiguous(memory_format=layout)
+            )
+            expected = torch.nn.functional.interpolate(tensor, size, mode="bicubic", antialias=True)
+            np.testing.assert_array_equal(ours, expected[0].permute(1, 2, 0).numpy())
+    with pytest.raises(MediaError, match="resize must be one of pil, torchvision"):
+        image_patches(Image.new("RGB", (32, 32)), resize="lanczos")
 
 
 def png_header_claiming(width: int, height: int) -> bytes:

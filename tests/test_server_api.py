@@ -384,9 +384,9 @@ def test_a_client_that_goes_away_cancels_its_generation(server, tiny, stream):
     finished = []
     original = server.engine._finish
 
-    def record(running, reason, *args, **kwargs):
-        finished.append((reason, running.generation.usage.completion_tokens))
-        return original(running, reason, *args, **kwargs)
+    def record(request, reason, *args, **kwargs):
+        finished.append((reason, request.generated))
+        return original(request, reason, *args, **kwargs)
 
     server.engine._finish = record
     try:
@@ -404,6 +404,10 @@ def test_a_client_that_goes_away_cancels_its_generation(server, tiny, stream):
     finally:
         server.engine._finish = original
     assert len(finished) == 1 and finished[0][0] == "cancelled" and finished[0][1] < 1000
+    deadline = time.monotonic() + 10  # the batch lets go of it at its next step
+    while server.engine.scheduler.has_work and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not server.engine.scheduler.has_work
 
 
 def test_speculative_decoding_gives_the_plain_tokens(tiny):
@@ -563,6 +567,9 @@ def test_a_template_cannot_reach_python_internals(tiny):
 
 class Broken(ScriptedModel):
     def __call__(self, inputs, cache=None, logits_to_keep=None):
+        raise RuntimeError("secret internals")
+
+    def batched(self, inputs, segments, return_hidden=False):
         raise RuntimeError("secret internals")
 
 

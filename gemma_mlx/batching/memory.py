@@ -11,12 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 
-from gemma_mlx.cache import KVCache, RotatingKVCache
-from gemma_mlx.loading import physical_memory
+from gemma_mlx import machine_memory
+from gemma_mlx.cache import KVCache, KVQuantization, QuantizedKVCache, RotatingKVCache
 
-# Fraction of the machine's memory (less the weights) the default KV budget takes.
+# Fraction of the memory left beside the weights that the default KV budget takes.
 DEFAULT_BUDGET_FRACTION = 0.5
 
 
@@ -26,7 +25,9 @@ def _round_up(n: int, step: int) -> int:
 
 def _itemsize(model: Any) -> int:
     """Bytes of one cached value: the dtype the model computes in (its embedding's, or the
-    scales' of a quantized embedding)."""
+    scales' of a quantized embedding; a pipeline stage's `dtype`)."""
+    if hasattr(model, "kv_layers"):  # gemma_mlx.distributed.PipelineModel
+        return model.dtype.size
     embed = model.model.embed_tokens
     weight = embed.weight
     if mx.issubdtype(weight.dtype, mx.floating):
@@ -36,22 +37,36 @@ def _itemsize(model: Any) -> int:
     return embed.scales.dtype.size
 
 
-def sequence_kv_bytes(model: Any, total_tokens: int, max_trim: int, chunk: int) -> int:
+def sequence_kv_bytes(
+    model: Any,
+    total_tokens: int,
+    max_trim: int,
+    chunk: int,
+    quantization: KVQuantization | None = None,
+) -> int:
     """The most bytes the caches of one sequence can hold: `total_tokens` positions (prompt plus
-    generated), `max_trim` extra for a verify's drafts, fed at most `chunk` at a time."""
+    generated), `max_trim` extra for a verify's drafts, fed at most `chunk` at a time; with
+    `quantization`, full-attention layers hold packed values plus a scale and bias per group
+    from position `quantization.start` on."""
     args = model.args
     per_value = _itemsize(model)
     positions = total_tokens + max_trim
     total = 0
-    for layer in range(args.first_kv_shared_layer):
-        width = 2 * args.n_kv_heads(layer) * args.layer_head_dim(layer) * per_value
+    for layer in getattr(model, "kv_layers", range(args.first_kv_shared_layer)):
+        values = 2 * args.n_kv_heads(layer) * args.layer_head_dim(layer)  # per position
         if args.is_sliding(layer):
             step = RotatingKVCache.step
             kept = min(positions, args.sliding_window - 1 + max_trim)
-            slots = _round_up(kept + max(chunk, step), step)
+            total += values * per_value * _round_up(kept + max(chunk, step), step)
+        elif quantization is None:
+            total += values * per_value * _round_up(positions + chunk, KVCache.step)
         else:
-            slots = _round_up(positions + chunk, KVCache.step)
-        total += width * slots
+            dense = min(positions + chunk, quantization.start)
+            quantized = positions + chunk - dense
+            packed = values * quantization.bits // 8
+            groups = 2 * (values // quantization.group_size) * per_value
+            total += values * per_value * (_round_up(dense, KVCache.step) if dense else 0)
+            total += (packed + groups) * _round_up(quantized, QuantizedKVCache.step)
     return total
 
 
@@ -73,6 +88,6 @@ def pass_activation_bytes(model: Any, rows: int, kept_rows: int, keys: int) -> i
 
 
 def default_budget(model: Any) -> int:
-    """Half of the machine's memory left beside the weights."""
-    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    return max(0, int(DEFAULT_BUDGET_FRACTION * (physical_memory() - weights)))
+    """Half of the memory the machine can give beside `model`'s weights, loaded already (on a
+    Mac, Metal's recommended working set; `gemma_mlx.machine_memory`)."""
+    return max(0, int(DEFAULT_BUDGET_FRACTION * machine_memory.available_memory()))

@@ -75,12 +75,19 @@ def choose(feeds: list[Feed], logits: mx.array) -> list[Choice]:
             choices.append(Choice(f, row, log_softmax(processed), result))
         row += f.tokens.shape[0]
     if plain:
-        logprobs = log_softmax(mx.concatenate([p for _, _, p in plain]))
-        best = mx.argmax(logprobs, axis=-1)
+        if len(plain) == len(feeds) == logits.shape[0] and not any(
+            f.sequence.processors for f, _, _ in plain
+        ):
+            stacked = logits  # every row, one per sequence, as the model gave it
+        else:
+            stacked = mx.concatenate([p for _, _, p in plain])
+        logprobs = log_softmax(stacked)
+        best = mx.argmax(logprobs, axis=-1).astype(mx.int32)
         for i, (f, first_row, _) in enumerate(plain):
             lp = logprobs[i : i + 1]
-            token = best[i : i + 1] if f.sequence.is_greedy else f.sequence.sampler(lp)
-            choices.append(Choice(f, first_row, lp, token.astype(mx.int32)))
+            s = f.sequence
+            token = best[i : i + 1] if s.is_greedy else s.sampler(lp).astype(mx.int32)
+            choices.append(Choice(f, first_row, lp, token))
     return choices
 
 

@@ -36,12 +36,15 @@ from gemma_mlx.batching.memory import default_budget, pass_activation_bytes, seq
 from gemma_mlx.batching.passes import Feed, Pass, choose, commit
 from gemma_mlx.batching.sequence import BatchSequence
 from gemma_mlx.batching.speculation import SequenceDraft, draft_planner
+from gemma_mlx.cache import held_quantization, kv_quantization_of, quantize_caches
 from gemma_mlx.decode import default_prefill_step_size
 from gemma_mlx.drafters import make_drafter
 from gemma_mlx.errors import OptionError, OptionTypeError
-from gemma_mlx.generate import GenerationResponse, check_generation_options, encode_prompt
+from gemma_mlx.generate import GenerationResponse, check_generation_options, prepare_prompt
 from gemma_mlx.generate import _check_length as clipped_to_context  # stream_generate's own rule
+from gemma_mlx.media.prompt import PreparedPrompt
 from gemma_mlx.options import check_callable, check_int
+from gemma_mlx.prompt_cache import PromptCache
 from gemma_mlx.sample import FilteredSampler, greedy, make_logits_processors, make_sampler
 from gemma_mlx.speculative import Drafter, check_trimmable
 
@@ -137,8 +140,11 @@ class BatchScheduler:
         for name in MEDIA_OPTIONS:
             if options.get(name) is not None:
                 raise OptionError(f"{name}: continuous batching takes text prompts only")
+        from_file = isinstance(options.get("prompt_cache"), PromptCache)
+        if options.get("max_kv_size") is not None or from_file:  # the batch attends whole caches
+            raise OptionError("max_kv_size and prompt-cache files are for stream_generate only")
         check_generation_options(self.model, {"max_tokens": max_tokens, **options})
-        ids = encode_prompt(self.tokenizer, prompt, options.get("chat_template_kwargs"))
+        ids = self._prompt_ids(prompt, options)
         max_tokens = clipped_to_context(self.model, len(ids), max_tokens)
         sampler = options.get("sampler") or make_sampler(
             options.get("temp", 0.0),
@@ -158,8 +164,11 @@ class BatchScheduler:
         cache = options.get("prompt_cache")
         if cache is None:
             cache = self.model.make_cache(max_trim=self.max_trim)
+        quantize_caches(cache, kv_quantization_of(options))
         uid = next(self._uids)
-        kv_bytes = sequence_kv_bytes(self.model, len(ids) + max_tokens, self.max_trim, self.chunk)
+        kv_bytes = sequence_kv_bytes(
+            self.model, len(ids) + max_tokens, self.max_trim, self.chunk, held_quantization(cache)
+        )
         sequence = BatchSequence(
             uid, self.model, self.tokenizer, ids, cache, max_tokens, sampler, processors,
             options.get("stop", ()), kv_bytes,
@@ -169,12 +178,34 @@ class BatchScheduler:
             raise OptionError(
                 f"request {uid} ({len(ids)} prompt tokens, max_tokens {max_tokens}) needs up to "
                 f"{needs / 2**20:.1f} MiB for its KV cache and a pass, more than kv_budget "
-                f"({self.kv_budget / 2**20:.1f} MiB) even alone"
+                f"({self.kv_budget / 2**20:.1f} MiB) even alone: use a quantized KV cache "
+                "(kv_bits), a shorter prompt or fewer max_tokens, or a larger kv_budget"
             )
         sequence.draft = self._draft_for(sequence, options.get("seed"))
         self.waiting.append(sequence)
         self._by_uid[uid] = sequence
         return uid
+
+    def _prompt_ids(self, prompt: Any, options: dict[str, Any]) -> list[int]:
+        """The prompt's token ids. Media are encoded and prefilled outside the batch (the batched
+        pass takes token ids): a `PreparedPrompt` with media joins once `prompt_cache` holds
+        them; any other prompt must be text only."""
+        if isinstance(prompt, PreparedPrompt) and prompt.media is not None:
+            cache = options.get("prompt_cache")
+            held = cache[0].offset if cache else 0
+            positions = prompt.media.positions
+            if len(positions) and held <= int(positions[-1]):
+                raise OptionError(
+                    "prompt: a prompt with images or audio joins the batch once prompt_cache "
+                    f"holds its media (it holds {held} tokens; the last soft token is at "
+                    f"{int(positions[-1])})"
+                )
+            return list(prompt.tokens)
+        kwargs = options.get("chat_template_kwargs")
+        prepared = prepare_prompt(self.model, self.tokenizer, prompt, chat_template_kwargs=kwargs)
+        if prepared.media is not None:
+            raise OptionError("prompt: continuous batching takes text prompts only")
+        return prepared.tokens
 
     def cancel(self, uid: int) -> None:
         """Stop a request; it leaves before the next step (safe to call from another thread)."""

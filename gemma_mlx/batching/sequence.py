@@ -21,6 +21,7 @@ from gemma_mlx.batching.speculation import SequenceDraft
 from gemma_mlx.decode import TokenStep
 from gemma_mlx.errors import PromptError
 from gemma_mlx.generate import GenerationResponse, stream_generate
+from gemma_mlx.media.prompt import PreparedPrompt
 from gemma_mlx.sample import LogitsProcessor, Sampler, greedy
 
 
@@ -64,7 +65,7 @@ class BatchSequence:
         self._responses = stream_generate(
             model,
             tokenizer,
-            ids,
+            PreparedPrompt(ids),  # rendered and checked by the scheduler, media already in cache
             max_tokens,
             sampler=sampler,
             logits_processors=self.processors,

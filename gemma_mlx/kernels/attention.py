@@ -9,6 +9,10 @@ of query heads that share a KV head, and computes the chunk's online softmax and
 in float32; launch 2 merges the chunks per head. The keys and values are read where the cache
 holds them (strided slices, no copy), each chunk once for all the query heads of its KV head.
 
+`attention` is what the models call: it sends keys and values read from a quantized cache
+(`QuantizedKV`) to `quantized_attention` (MLX's quantized matmuls; the fused kernel here takes
+dense caches only) and everything else to `decode_attention`.
+
 The reference is the model's composed code (`mx.fast.scaled_dot_product_attention`), which is
 also what runs for every shape the kernel does not take: more than one query position, a mask,
 a head size MLX covers. The self-check compares with the reference computed in float32, since
@@ -22,6 +26,7 @@ import mlx.core as mx
 from .backend import CHECK_KEY, KernelOp
 from .operands import float_constants
 from .projection import FLOATS
+from .quantized_attention import QuantizedKV, quantized_attention
 from .spec import Kernels, KernelSpec, Launch
 from .tolerance import normwise_mismatch
 
@@ -160,3 +165,16 @@ def decode_attention(
     if not kernel_covers(q, k, v, mask):
         return attention_reference(q, k, v, scale, mask)
     return _attention(q, k, v, scale, mask)
+
+
+def attention(
+    q: mx.array,
+    k: mx.array | QuantizedKV,
+    v: mx.array | QuantizedKV,
+    scale: float,
+    mask: str | mx.array | None = None,
+) -> mx.array:
+    """Attention of q [B, heads, T, D] over cached k, v, dense or quantized."""
+    if isinstance(k, QuantizedKV):
+        return quantized_attention(q, k, v, scale, mask)
+    return decode_attention(q, k, v, scale, mask)

@@ -4,9 +4,11 @@ Equal to transformers' `Gemma4ImageProcessorPil`: composite any transparency ont
 (bicubic, aspect ratio kept) to the largest size whose sides are multiples of
 `pooling_kernel_size * patch_size` and which holds at most `max_soft_tokens * pooling_kernel_size^2`
 patches, scale to [0, 1], cut into row-major patches of (y, x, channel) pixels with their (x, y)
-grid positions. The 12B (`merge=True`) takes the same resized image in patches
-`pooling_kernel_size` times larger: transformers' `Gemma4UnifiedImageProcessor` merges each
-k x k block of patches into one, which is the same array.
+grid positions. The 12B (`merge=True`) takes the resized image in patches `pooling_kernel_size`
+times larger: transformers' `Gemma4UnifiedImageProcessor` merges each k x k block of patches into
+one, which is the same array. That processor, like the video processors, resizes with torchvision
+instead of Pillow (one level in 255 apart at some pixels): `resize="torchvision"`, the default
+with `merge`, reproduces its integer arithmetic (`media.resize`).
 
 Files are opened safely: the pixel count is checked from the header before anything is decoded
 (decompression bombs), and unreadable, truncated or unsupported files raise `MediaError`.
@@ -24,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from gemma_mlx.errors import MediaError
+from gemma_mlx.media.resize import resize_bicubic_uint8
 from gemma_mlx.media.sources import resolve_source
 
 # The budgets transformers accepts (`_SUPPORTED_SOFT_TOKENS`); the processors default to 280.
@@ -32,6 +35,8 @@ DEFAULT_SOFT_TOKENS = 280
 # Largest image decoded (width x height). A 100-megapixel RGB image takes 300 MB once decoded; every
 # budget above resizes it to at most 2.6 megapixels anyway.
 MAX_PIXELS = 100_000_000
+# Whose bicubic resize to reproduce: Gemma4ImageProcessorPil's, or the torchvision processors'.
+RESIZES = ("pil", "torchvision")
 
 ImageSource = str | Path | bytes | Image.Image
 
@@ -112,9 +117,14 @@ def image_patches(
     max_soft_tokens: int = DEFAULT_SOFT_TOKENS,
     merge: bool = False,
     max_pixels: int = MAX_PIXELS,
+    resize: str | None = None,
 ) -> ImagePatches:
     """Patches of one image for a tower with `patch_size` and `pooling_kernel_size` (its
-    config.json's vision_config); `merge` for the 12B's encoder-free embedder."""
+    config.json's vision_config); `merge` for the 12B's encoder-free embedder. `resize` ("pil" or
+    "torchvision"; default: "torchvision" with `merge`, else "pil") picks whose resize to equal."""
+    resize = resize or ("torchvision" if merge else "pil")
+    if resize not in RESIZES:
+        raise MediaError(f"resize must be one of {', '.join(RESIZES)}, got {resize!r}")
     if max_soft_tokens not in SOFT_TOKEN_BUDGETS:
         raise MediaError(
             f"max_soft_tokens must be one of {', '.join(map(str, SOFT_TOKEN_BUDGETS))}, "
@@ -125,7 +135,9 @@ def image_patches(
     height, width = rgb.shape[:2]
     k = pooling_kernel_size
     target = resized_size(height, width, patch_size, max_soft_tokens * k * k, k)
-    if target != (height, width):
+    if target != (height, width) and resize == "torchvision":
+        rgb = resize_bicubic_uint8(rgb, *target)
+    elif target != (height, width):
         resized = Image.fromarray(rgb).resize(target[::-1], resample=Image.Resampling.BICUBIC)
         rgb = np.asarray(resized)
     pixels = (rgb.astype(np.float64) * (1 / 255)).astype(np.float32)  # as transformers rescales

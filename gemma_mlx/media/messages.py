@@ -23,26 +23,39 @@ from gemma_mlx.options import check_text
 
 KINDS = ("image", "audio")
 # The keys transformers' templates and processors accept for a part's source.
-SOURCE_KEYS = {"image": ("image", "url", "path"), "audio": ("audio", "url", "path")}
+SOURCE_KEYS = {kind: (kind, "url", "path") for kind in ("image", "audio", "video")}
 # How a saved session writes an `EncodedMedia` source.
 ENCODED = "encoded"
 
 
-def _parts(messages: Sequence[Mapping[str, Any]]) -> Iterator[tuple[int, int, Mapping[str, Any]]]:
-    """(message index, part index, part) of every image or audio part."""
+def _parts(
+    messages: Sequence[Mapping[str, Any]], kinds: Sequence[str] = KINDS
+) -> Iterator[tuple[int, int, Mapping[str, Any]]]:
+    """(message index, part index, part) of every part of one of `kinds`."""
     for i, message in enumerate(messages):
         content = message.get("content") if isinstance(message, Mapping) else None
         if not isinstance(content, Sequence) or isinstance(content, str):
             continue
         for j, part in enumerate(content):
-            if isinstance(part, Mapping) and part.get("type") in KINDS:
+            if isinstance(part, Mapping) and part.get("type") in kinds:
                 yield i, j, part
 
 
 def media_parts(messages: Sequence[Mapping[str, Any]]) -> tuple[list[Any], list[Any]]:
     """(image sources, audio sources) of all messages' content parts, in order."""
-    found: dict[str, list[Any]] = {kind: [] for kind in KINDS}
-    for i, j, part in _parts(messages):
+    found = _sources(messages, KINDS)
+    return found["image"], found["audio"]
+
+
+def video_parts(messages: Sequence[Mapping[str, Any]]) -> list[Any]:
+    """Sources of all messages' video parts (`{"type": "video", "video": path}`), in order. A
+    chat session keeps them as they are (files are re-read and matched by content hash)."""
+    return _sources(messages, ("video",))["video"]
+
+
+def _sources(messages: Sequence[Mapping[str, Any]], kinds: Sequence[str]) -> dict[str, list[Any]]:
+    found: dict[str, list[Any]] = {kind: [] for kind in kinds}
+    for i, j, part in _parts(messages, kinds):
         kind = part["type"]
         source = next((part[k] for k in SOURCE_KEYS[kind] if part.get(k) is not None), None)
         if source is None:
@@ -51,7 +64,7 @@ def media_parts(messages: Sequence[Mapping[str, Any]]) -> tuple[list[Any], list[
                 f"{' / '.join(repr(k) for k in SOURCE_KEYS[kind])}"
             )
         found[kind].append(source)
-    return found["image"], found["audio"]
+    return found
 
 
 def map_sources(
@@ -115,29 +128,33 @@ def media_list(name: str, value: Any) -> list[Any]:
     return list(value)
 
 
-def media_content(images: Sequence[Any], audio: Sequence[Any]) -> list[dict[str, Any]]:
-    """Content parts for `images` and `audio`: the images, then the clips."""
+def media_content(
+    images: Sequence[Any], audio: Sequence[Any], videos: Sequence[Any] = ()
+) -> list[dict[str, Any]]:
+    """Content parts for `images`, `audio` and `videos`: the images, the clips, the videos."""
     return [
         *({"type": "image", "image": image} for image in images),
         *({"type": "audio", "audio": clip} for clip in audio),
+        *({"type": "video", "video": video} for video in videos),
     ]
 
 
 def user_content(
-    message: str | Sequence[Mapping[str, Any]], images: Any, audio: Any
+    message: str | Sequence[Mapping[str, Any]], images: Any, audio: Any, videos: Any = ()
 ) -> str | list[Mapping[str, Any]]:
-    """A user message's content: the text, or content parts (images, then audio, then the text)."""
+    """A user message's content: the text, or content parts (images, audio, videos, the text)."""
     images, audio = media_list("images", images), media_list("audio", audio)
+    videos = media_list("videos", videos)
     if not isinstance(message, str):
-        if images or audio:
+        if images or audio or videos:
             raise OptionError("give images and audio as content parts or as images=/audio=")
         if not isinstance(message, Sequence) or not all(isinstance(p, Mapping) for p in message):
             raise OptionTypeError("message must be a string or a list of content parts (dicts)")
         return list(message)
     check_text("message", message)
-    if not images and not audio:
+    if not images and not audio and not videos:
         return message
-    return [*media_content(images, audio), {"type": "text", "text": message}]
+    return [*media_content(images, audio, videos), {"type": "text", "text": message}]
 
 
 def attach_media(

@@ -1,4 +1,4 @@
-"""A prompt with images and audio, ready for a multimodal model: the processor's token layout and
+"""A prompt with images, audio and videos, ready for a multimodal model: the processor's token layout and
 the encoded soft tokens (`gemma4_multimodal.PromptMedia`).
 
 `prepare(model, tokens, images=[...], audio=[...])` takes the tokens the chat template made (one
@@ -28,8 +28,9 @@ from gemma_mlx.cache import shared_prefix
 from gemma_mlx.errors import MediaError
 from gemma_mlx.media.audio import AudioSource, log_mel, read_audio, waveform_frames
 from gemma_mlx.media.image import DEFAULT_SOFT_TOKENS, ImageSource, image_patches
-from gemma_mlx.media.layout import expand
+from gemma_mlx.media.layout import TextCodec, VideoRun, expand, expand_video
 from gemma_mlx.media.sources import resolve_source
+from gemma_mlx.media.video import VIDEO_SOFT_TOKENS, VideoSource, read_video
 from gemma_mlx.models.gemma4_multimodal import (
     MediaItem,
     MultimodalArgs,
@@ -62,22 +63,27 @@ def media_args(model: nn.Module, needs: str) -> MultimodalArgs:
             f"this model was loaded without vision and audio towers (a text-only checkpoint, or "
             f"gemma_mlx.load(..., media=False)): it cannot take {needs}"
         )
-    tower = args.vision if needs == "images" else args.audio
+    tower = args.audio if needs == "audio" else args.vision
     if tower is None:
-        kind = "vision" if needs == "images" else "audio"
+        kind = "audio" if needs == "audio" else "vision"
         raise MediaError(f"this checkpoint has no {kind} tower: it cannot take {needs}")
     return args
 
 
 def encode_image(
-    model: nn.Module, source: ImageSource, max_soft_tokens: int = DEFAULT_SOFT_TOKENS
+    model: nn.Module,
+    source: ImageSource,
+    max_soft_tokens: int = DEFAULT_SOFT_TOKENS,
+    resize: str | None = None,
 ) -> mx.array:
-    """Soft tokens [n, hidden] of one image (a path, bytes or a PIL image)."""
+    """Soft tokens [n, hidden] of one image (a path, bytes or a PIL image); `resize` as
+    `image_patches` takes it."""
     args = media_args(model, "images")
     vision = args.vision
     patches = image_patches(
-        source, vision.patch_size, vision.pooling_kernel_size, max_soft_tokens, args.unified
-    )
+        source, vision.patch_size, vision.pooling_kernel_size, max_soft_tokens, args.unified,
+        resize=resize,
+    )  # fmt: skip
     return model.encode_image(mx.array(patches.patches), mx.array(patches.positions))
 
 
@@ -87,6 +93,19 @@ def encode_audio(
     """Soft tokens [n, hidden] of one clip (a path, bytes, or samples with their rate)."""
     args = media_args(model, "audio")
     return model.encode_audio(mx.array(audio_features(args, read_audio(source, sampling_rate))))
+
+
+def encode_video(model: nn.Module, source: VideoSource) -> tuple[mx.array, list[float]]:
+    """Soft tokens [frames * n, hidden] of a video's sampled frames (each encoded like an image
+    with `VIDEO_SOFT_TOKENS` and resized as the torchvision video processor does), and the frames'
+    times in seconds."""
+    media_args(model, "videos")
+    video = read_video(source)
+    frames = [
+        encode_image(model, frame, VIDEO_SOFT_TOKENS, resize="torchvision")
+        for frame in video.frames
+    ]
+    return mx.concatenate(frames), video.timestamps
 
 
 def audio_features(args: MultimodalArgs, samples: np.ndarray) -> np.ndarray:
@@ -108,25 +127,33 @@ def prepare(
     audio: Sequence[AudioSource | tuple[np.ndarray, int] | EncodedMedia] = (),
     max_soft_tokens: int = DEFAULT_SOFT_TOKENS,
     encoded: dict[str, mx.array] | None = None,
+    videos: Sequence[VideoSource] = (),
+    encode_text: Callable[[str], list[int]] | TextCodec | None = None,
 ) -> tuple[list[int], PromptMedia | None]:
-    """(expanded tokens, their media) for a prompt whose placeholders stand for `images` and
-    `audio` in order (a clip: a file path or bytes, or (samples, sampling rate)); (tokens, None)
-    when there is neither. `encoded` (content hash -> soft tokens, filled as items are encoded)
-    spares re-encoding what an earlier turn already did; `EncodedMedia` items are taken from it."""
-    if not images and not audio:
+    """(expanded tokens, their media) for a prompt whose placeholders stand for `images`, `audio`
+    and `videos` in order (a clip: a file path or bytes, or (samples, sampling rate)); (tokens,
+    None) when there is none. `encoded` (content hash -> soft tokens, filled as items are encoded)
+    spares re-encoding what an earlier turn already did; `EncodedMedia` items are taken from it.
+    `encode_text` (text -> ids without special tokens, or a `TextCodec`, which also joins the first
+    timestamp to the text before it as transformers does) tokenizes the videos' frame timestamps."""
+    if not images and not audio and not videos:
         if getattr(model, "media_args", None) is not None:  # placeholders need their media
             ids = model.media_args.tokens
             expand(tokens, ids.image, ids.boi, ids.eoi, [], "image")
             expand(tokens, ids.audio, ids.boa, ids.eoa, [], "audio")
+            expand_video(tokens, ids.video, [])
         return list(tokens), None
-    for needs, items in (("images", images), ("audio", audio)):
+    for needs, items in (("images", images), ("audio", audio), ("videos", videos)):
         if items:
             media_args(model, needs)  # refuse before reading any file
+    if videos and encode_text is None:
+        raise MediaError("videos need the tokenizer (encode_text) for their frame timestamps")
     memo = {} if encoded is None else encoded
     clips = [clip if isinstance(clip, tuple) else (clip, None) for clip in audio]
     # Every item is hashed (read) before any is encoded: a missing file fails first.
     image_keys = [media_key("image", image, max_soft_tokens) for image in images]
     audio_keys = [media_key("audio", clip, rate) for clip, rate in clips]
+    video_keys = [media_key("video", video, VIDEO_SOFT_TOKENS) for video in videos]
 
     def remembered(key: str, source: object, encode: Callable[[], mx.array]) -> mx.array:
         if key not in memo:
@@ -148,8 +175,22 @@ def prepare(
     tokens = expand(tokens, ids.image, ids.boi, ids.eoi, counts, "image")
     counts = [e.shape[0] for e in audio_tokens]
     tokens = expand(tokens, ids.audio, ids.boa, ids.eoa, counts, "audio")
-    media = model.place_media(tokens, images=image_tokens, audio=audio_tokens)
-    keys = {"image": iter(image_keys), "audio": iter(audio_keys)}
+    frame_tokens, frame_keys, runs = [], [], []
+    if callable(encode_text):
+        encode_text = TextCodec(encode_text)
+    for key, video in zip(video_keys, videos, strict=True):
+        if key not in memo or f"{key}:timestamps" not in memo:
+            memo[key], stamps = encode_video(model, video)
+            memo[f"{key}:timestamps"] = mx.array(stamps)
+        stamps = memo[f"{key}:timestamps"].tolist()
+        frame_tokens += mx.split(memo[key], len(stamps))
+        frame_keys += [f"{key}:{i}" for i in range(len(stamps))]
+        runs.append(VideoRun(stamps, memo[key].shape[0] // len(stamps)))
+    tokens = expand_video(tokens, ids.video, runs, (ids.boi, ids.eoi), encode_text)
+    media = model.place_media(
+        tokens, images=image_tokens, audio=audio_tokens, video_frames=frame_tokens
+    )
+    keys = {"image": iter(image_keys), "audio": iter(audio_keys), "video": iter(frame_keys)}
     media.items = tuple(
         MediaItem(begin, end, kind, next(keys[kind]))
         for begin, end, kind in placeholder_runs(np.asarray(tokens), ids)

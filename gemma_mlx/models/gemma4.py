@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from gemma_mlx.cache import KVCache, RotatingKVCache, attention_mask, window_start
-from gemma_mlx.kernels.attention import decode_attention
+from gemma_mlx.kernels.attention import attention
 from gemma_mlx.kernels.heads import attention_heads
 from gemma_mlx.kernels.moe import dispatch, dispatch_pays, route
 from gemma_mlx.kernels.operands import Matrix, Norm, Rotary
@@ -297,7 +297,7 @@ class Attention(nn.Module):
             q, k, v = self._heads(q, k, v[0] if v else None, position)
             if cache is not None:
                 k, v = cache.update_and_fetch(k, v)
-        out = decode_attention(q, k, v, self.scale, mask)
+        out = attention(q, k, v, self.scale, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1)), (k, v)
 
     def _heads(
@@ -319,7 +319,8 @@ class Attention(nn.Module):
     ) -> tuple[mx.array, list[tuple[mx.array, mx.array]]]:
         """Attention of a ragged batch (`gemma_mlx.ragged`): projections and RoPE over every row
         at once (each row at its own position), then each sequence's rows against its own cache
-        (`layer` of its caches) or its entry of `shared`, the call it makes alone."""
+        (`layer` of its caches) or its entry of `shared`: the call it makes alone, stacked with
+        the calls of the same shapes (`RaggedBatch.attention`)."""
         # Rows as a batch of one-position sequences, [N, heads, 1, head_dim], so that one RoPE
         # call puts each row at its own position; a sequence's rows are a view of it.
         q = self.rope(self._queries(x)[0][:, :, None], batch.positions)
@@ -327,22 +328,20 @@ class Attention(nn.Module):
             k, v = self._keys_values(x)
             k = self.rope(k[0][:, :, None], batch.positions)
             v = v[0][:, :, None]
-        outs, kvs = [], []
-        for i, (first, last) in enumerate(batch.rows):
-            if shared is not None:
-                ki, vi = shared[i]
-            else:
-                ki = k[first:last].transpose(2, 1, 0, 3)
-                vi = v[first:last].transpose(2, 1, 0, 3)
-                ki, vi = batch.segments[i].cache[layer].update_and_fetch(ki, vi)
-            kvs.append((ki, vi))
-            if first == last:  # no kept rows (a KV-shared layer after a prefill chunk)
-                continue
-            qi = q[first:last].transpose(2, 1, 0, 3)
-            mask = batch.masks[self.layer_type][i]
-            out = mx.fast.scaled_dot_product_attention(qi, ki, vi, scale=self.scale, mask=mask)
-            outs.append(out.transpose(0, 2, 1, 3).reshape(1, last - first, -1))
-        return self.o_proj(mx.concatenate(outs, axis=1)), kvs
+            kvs = [
+                s.cache[layer].update_and_fetch(
+                    k[first:last].transpose(2, 1, 0, 3), v[first:last].transpose(2, 1, 0, 3)
+                )
+                for s, (first, last) in zip(batch.segments, batch.rows, strict=True)
+            ]
+        else:
+            kvs = shared
+
+        def attend(q: mx.array, k: mx.array, v: mx.array, mask: str | mx.array | None):
+            return attention(q, k, v, self.scale, mask)
+
+        out = batch.attention(q, kvs, self.layer_type, attend, reused=shared is not None)
+        return self.o_proj(out[None]), kvs
 
     def _queries(self, x: mx.array) -> mx.array:
         """Normed queries [B, T, heads, head_dim], before RoPE."""
@@ -577,7 +576,7 @@ class TextModel(nn.Module):
         h = self.embed(inputs) if embeddings is None else embeddings
         ple = self.per_layer_inputs(inputs, h) if args.hidden_size_per_layer_input else None
         start = cache[0].offset if cache else 0
-        key_starts = {t: window_start(start, self._window(t)) for t in (SLIDING, FULL)}
+        key_starts = {t: window_start(start, self._window(t, cache)) for t in (SLIDING, FULL)}
         query_start = start
 
         def masks() -> dict[str, str | mx.array | None]:
@@ -587,7 +586,7 @@ class TextModel(nn.Module):
                     for t in (SLIDING, FULL)
                 }
             return {
-                t: attention_mask(query_start, start + T, key_starts[t], self._window(t))
+                t: attention_mask(query_start, start + T, key_starts[t], self._window(t, cache))
                 for t in (SLIDING, FULL)
             }
 
@@ -660,8 +659,13 @@ class TextModel(nn.Module):
         rows = batch.kept_rows()
         return h[:, rows], None if ple is None else ple[:, rows], batch.kept()
 
-    def _window(self, layer_type: str) -> int | None:
-        return self.args.sliding_window if layer_type == SLIDING else None
+    def _window(self, layer_type: str, cache: list | None = None) -> int | None:
+        """Positions a query of `layer_type` sees: the sliding window, or for full layers all of
+        them, unless their cache is a rotating one (`make_cache(max_kv_size=N)`)."""
+        if layer_type == SLIDING:
+            return self.args.sliding_window
+        owners = self.args.layer_types[: len(cache or ())]
+        return getattr(cache[owners.index(FULL)], "window", None) if FULL in owners else None
 
 
 class Model(nn.Module):
@@ -713,12 +717,18 @@ class Model(nn.Module):
     def layers(self) -> list[DecoderLayer]:
         return self.model.layers
 
-    def make_cache(self, max_trim: int = 32) -> list[KVCache | RotatingKVCache]:
-        """One cache per layer that owns KV; sliding caches keep `max_trim` extra positions."""
+    def make_cache(
+        self, max_trim: int = 32, max_kv_size: int | None = None
+    ) -> list[KVCache | RotatingKVCache]:
+        """One cache per layer that owns KV; sliding caches keep `max_trim` extra positions.
+        `max_kv_size`: full layers too keep only their last N positions (mlx-lm's option; they
+        then attend to those alone)."""
         return [
             RotatingKVCache(self.args.sliding_window, max_trim)
             if self.args.is_sliding(i)
             else KVCache()
+            if max_kv_size is None
+            else RotatingKVCache(max_kv_size, max_trim)
             for i in range(self.args.first_kv_shared_layer)
         ]
 

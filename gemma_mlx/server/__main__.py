@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import sys
 import time
@@ -24,14 +25,21 @@ from typing import Any
 import uvicorn
 from starlette.types import ASGIApp
 
+from gemma_mlx.cache import KV_BITS, kv_quantization, quantize_caches
+from gemma_mlx.distributed.serving import PipelineFollower, pipeline_engine
+from gemma_mlx.distributed.stage import PipelineError, PipelineModel
 from gemma_mlx.errors import GemmaMLXError
+from gemma_mlx.media.image import DEFAULT_SOFT_TOKENS, SOFT_TOKEN_BUDGETS
+from gemma_mlx.media.untrusted import SourcePolicy
 from gemma_mlx.sample import OptionError, check_sampling_options
 from gemma_mlx.server.app import DEFAULT_MAX_BODY_BYTES, Routes, create_app
 from gemma_mlx.server.engine import Engine, SamplingOptions
 from gemma_mlx.server.generation import GenerationSettings
+from gemma_mlx.server.media import MediaPolicy
 from gemma_mlx.server.prefix_cache import PrefixCache
+from gemma_mlx.server.prefix_disk import DiskTier
 from gemma_mlx.server.prompts import Defaults, ServedModel
-from gemma_mlx.server.scheduler import ThreadedEngine
+from gemma_mlx.server.scheduler import BatchedEngine
 
 PROG = "gemma-mlx-server"
 EXIT_BAD_INPUT = 2
@@ -92,13 +100,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speculative decoding for greedy and plain-temperature requests")  # fmt: skip
     p.add_argument("--num-draft", "--num-draft-tokens", default="auto", metavar="N|auto",
                    help="drafts per round (auto: adapt to measured acceptance)")  # fmt: skip
-    p.add_argument("--decode-concurrency", type=int, default=4, metavar="N",
-                   help="requests generating at once, interleaved token by token (4)")  # fmt: skip
+    p.add_argument("--decode-concurrency", type=int, default=16, metavar="N",
+                   help="requests generating at once, in one batched pass per step (16)")  # fmt: skip
+    p.add_argument("--kv-bits", type=int, choices=KV_BITS,
+                   help="store the full-attention layers' keys and values in this many bits "
+                   "(default: unquantized)")  # fmt: skip
+    p.add_argument("--kv-budget", type=parse_size, metavar="SIZE",
+                   help="memory the running requests' KV caches may take, e.g. 4GB; requests "
+                   "beyond it wait (default: half the memory beside the weights)")  # fmt: skip
+    p.add_argument("--allow-local-media", action="store_true",
+                   help="let requests name image and audio files on this machine")  # fmt: skip
+    p.add_argument("--allow-remote-media", action="store_true",
+                   help="let requests name http(s) image URLs, fetched by the server")  # fmt: skip
+    p.add_argument("--max-soft-tokens", type=int, default=DEFAULT_SOFT_TOKENS,
+                   choices=SOFT_TOKEN_BUDGETS, metavar="N",
+                   help=f"tokens an image takes, one of {SOFT_TOKEN_BUDGETS} "
+                   f"({DEFAULT_SOFT_TOKENS})")  # fmt: skip
     p.add_argument("--max-queue", type=int, default=64, metavar="N",
                    help="requests that may wait beyond those; more get 429 (64)")  # fmt: skip
     p.add_argument("--prompt-cache-bytes", type=parse_size, metavar="SIZE",
                    help="prefix cache budget, e.g. 2GB; 0 turns it off (default: a tenth of "
                    "the machine's memory)")  # fmt: skip
+    p.add_argument("--prompt-cache-dir", metavar="DIR",
+                   help="also keep prefix-cache snapshots in files here: they outlive memory "
+                   "and restarts (files of other models are ignored)")  # fmt: skip
+    p.add_argument("--prompt-cache-disk-bytes", type=parse_size, metavar="SIZE",
+                   help="disk budget of --prompt-cache-dir, least recently used files removed "
+                   "first (default: a quarter of the disk's free space)")  # fmt: skip
     p.add_argument("--max-body-bytes", type=parse_size, default=DEFAULT_MAX_BODY_BYTES,
                    metavar="SIZE", help="larger request bodies get 413 (8MiB)")  # fmt: skip
     p.add_argument("--log-level", default="INFO",
@@ -149,26 +177,59 @@ def load(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def build(
     args: argparse.Namespace, model: Any, tokenizer: Any
-) -> tuple[ASGIApp, Routes, ThreadedEngine]:
+) -> tuple[ASGIApp, Routes, BatchedEngine]:
     """(app, routes, engine) for a loaded model and the parsed options."""
     if args.chat_template:
         tokenizer = dataclasses.replace(tokenizer, chat_template=chat_template(args.chat_template))
     budget = default_cache_bytes() if args.prompt_cache_bytes is None else args.prompt_cache_bytes
     num_draft = args.num_draft if args.num_draft == "auto" else int(args.num_draft)
-    engine = ThreadedEngine(
+    quantization = kv_quantization(args.kv_bits)
+
+    def make_cache() -> list:  # every request's caches, in the prefix cache too
+        return quantize_caches(model.make_cache(), quantization)
+
+    # under mlx.launch: rank 0 serves one request at a time, the other ranks follow it
+    engine_class = pipeline_engine if isinstance(model, PipelineModel) else BatchedEngine
+    engine = engine_class(
         model,
         tokenizer,
-        PrefixCache(model.make_cache, budget),
-        GenerationSettings(args.prefill_step_size, args.draft_model, num_draft),
-        max_active=args.decode_concurrency,
+        PrefixCache(make_cache, budget, prefix_disk(args, model, make_cache)),
+        GenerationSettings(
+            args.prefill_step_size,
+            args.draft_model,
+            num_draft,
+            kv_budget=args.kv_budget,
+            max_soft_tokens=args.max_soft_tokens,
+        ),
+        max_batch=args.decode_concurrency,
         max_queue=args.max_queue,
     )
     sampling = SamplingOptions(args.temp, args.top_p, args.top_k, args.min_p)
     defaults = Defaults(args.max_tokens, sampling, args.chat_template_args)
-    served = ServedModel(model_names(args), tokenizer, engine.context_length, defaults)
+    media = MediaPolicy(getattr(model, "media_args", None),
+                        SourcePolicy(args.allow_local_media, args.allow_remote_media),
+                        args.max_soft_tokens)  # fmt: skip
+    served = ServedModel(model_names(args), tokenizer, engine.context_length, defaults, media)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     app, routes = create_app(engine, served, api_key, args.max_body_bytes)
     return app, routes, engine
+
+
+def prefix_disk(
+    args: argparse.Namespace, model: Any, make_cache: Callable[[], list]
+) -> DiskTier | None:
+    """The prefix cache's disk tier of --prompt-cache-dir, if given."""
+    if args.prompt_cache_dir is None:
+        return None
+    directory = Path(args.prompt_cache_dir)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OptionError(f"--prompt-cache-dir {directory}: {e.strerror or e}") from e
+    budget = args.prompt_cache_disk_bytes
+    if budget is None:
+        budget = shutil.disk_usage(directory).free // 4
+    return DiskTier(directory, budget, model, make_cache)
 
 
 class GracefulServer(uvicorn.Server):
@@ -233,6 +294,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         start = time.perf_counter()
         model, tokenizer = load(args)
         app, routes, engine = build(args, model, tokenizer)
+        if isinstance(engine, PipelineFollower):  # a rank > 0 of a pipeline: no HTTP
+            return engine.follow()
     except (GemmaMLXError, OSError) as e:
         print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -241,7 +304,11 @@ def run(argv: Sequence[str] | None = None) -> int:
         args.host, args.port, time.perf_counter() - start,
     )  # fmt: skip
     server = make_server(app, routes, engine, args.log_level, host=args.host, port=args.port)
-    serve(server, engine)
+    try:
+        serve(server, engine)
+    except PipelineError as e:  # a rank of the pipeline was lost: the server stopped
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     return 0
 
 

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gemma_mlx.server import sse
 from gemma_mlx.server.engine import LENGTH, FinishEvent, GenerationRequest, RequestStream, Usage
 from gemma_mlx.server.errors import invalid
+from gemma_mlx.server.media import MediaFiles
 from gemma_mlx.server.prompts import ServedModel, generation_request, render_chat, sampling_options
 from gemma_mlx.server.replies import finish_error, reply_parts
 from gemma_mlx.server.tools import (
@@ -75,8 +76,25 @@ class ToolResultBlock(_Strict):
     toolset_name: str | None = None
 
 
+class Base64Source(_Strict):
+    type: Literal["base64"]
+    media_type: str
+    data: str
+
+
+class URLSource(_Strict):
+    type: Literal["url"]
+    url: str
+
+
+class ImageBlock(_Strict):
+    type: Literal["image"]
+    source: Annotated[Base64Source | URLSource, Field(discriminator="type")]
+    cache_control: dict[str, Any] | None = None
+
+
 Block = Annotated[
-    TextBlock | ThinkingBlock | RedactedThinkingBlock | ToolUseBlock | ToolResultBlock,
+    TextBlock | ImageBlock | ThinkingBlock | RedactedThinkingBlock | ToolUseBlock | ToolResultBlock,
     Field(discriminator="type"),
 ]
 
@@ -139,14 +157,15 @@ def _text(content: str | list[TextBlock] | None) -> str:
     return content if isinstance(content, str) else "".join(b.text for b in content)
 
 
-def template_messages(params: MessagesRequest) -> list[dict[str, Any]]:
+def template_messages(params: MessagesRequest, files: MediaFiles) -> list[dict[str, Any]]:
     """Anthropic messages as chat templates take them (OpenAI's convention): system first,
-    tool_use blocks as `tool_calls`, each tool_result block a `tool` message."""
+    tool_use blocks as `tool_calls`, each tool_result block a `tool` message, image blocks as
+    `{"type": "image"}` content parts (their files read into `files`)."""
     out: list[dict[str, Any]] = []
     if params.system:
         out.append({"role": "system", "content": _text(params.system)})
     names: dict[str, str] = {}
-    for m in params.messages:
+    for i, m in enumerate(params.messages):
         blocks = (
             [TextBlock(type="text", text=m.content)] if isinstance(m.content, str) else m.content
         )
@@ -169,18 +188,32 @@ def template_messages(params: MessagesRequest) -> list[dict[str, Any]]:
                     )
             out.append(message)
             continue
-        text = ""
-        for b in blocks:
+        text, parts = "", []
+        for j, b in enumerate(blocks):
             if isinstance(b, ToolResultBlock):
                 out.append({"role": "tool", "tool_call_id": b.tool_use_id,
                             "name": names.get(b.tool_use_id, "unknown"), "content": _text(b.content)})  # fmt: skip
             elif isinstance(b, TextBlock):
                 text += b.text
+                parts.append({"type": "text", "text": b.text})
+            elif isinstance(b, ImageBlock):
+                _read_image(b, files, f"messages.{i}.content.{j}.source")
+                parts.append({"type": "image"})
             else:
                 raise invalid(f"messages: {b.type} blocks belong in assistant messages", "messages")
-        if text or not any(isinstance(b, ToolResultBlock) for b in blocks):
+        if any(p["type"] == "image" for p in parts):
+            out.append({"role": "user", "content": parts})
+        elif text or not any(isinstance(b, ToolResultBlock) for b in blocks):
             out.append({"role": "user", "content": text})
     return out
+
+
+def _read_image(block: ImageBlock, files: MediaFiles, where: str) -> None:
+    source = block.source
+    if isinstance(source, Base64Source):
+        files.image_from_base64(source.data, f"{where}.data")
+    else:
+        files.image_from_url(source.url, f"{where}.url")
 
 
 def prepare(params: MessagesRequest, served: ServedModel) -> Prepared:
@@ -203,13 +236,15 @@ def prepare(params: MessagesRequest, served: ServedModel) -> Prepared:
     if params.thinking is not None:
         kwargs["enable_thinking"] = params.thinking.type != "disabled"
         budget = params.thinking.budget_tokens if params.thinking.type == "enabled" else None
-    ids = render_chat(served, template_messages(params), plan, kwargs)
+    files = MediaFiles(served.media)
+    ids = render_chat(served, template_messages(params, files), plan, kwargs)
     sampling = sampling_options(
         served, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k
     )
     generation = generation_request(
         served, ids, params.max_tokens, sampling, prompt_param="messages",
         stop=params.stop_sequences or (), banned_tokens=plan.banned_tokens, thinking_budget=budget,
+        media=files,
     )  # fmt: skip
     return Prepared(generation, params.model, bool(params.stream))
 

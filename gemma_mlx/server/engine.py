@@ -4,9 +4,9 @@ The HTTP layer (`gemma_mlx.server.app`) only ever calls `Engine.submit` with a `
 (prompt token ids and options, already validated) and reads the returned `RequestStream`:
 `TokenEvent`s, then one `FinishEvent`. It cancels a request with `RequestStream.cancel()` and asks
 the engine to stop with `Engine.shutdown()`. Nothing else crosses the boundary, so an engine that
-batches many requests into one forward pass replaces the one-at-a-time `ThreadedEngine`
-(`gemma_mlx.server.scheduler`) without any change to the HTTP code: it implements `Engine`,
-pushes the same events into the same streams, and honours `cancelled` at its step boundaries.
+batches many requests into one forward pass (`gemma_mlx.server.scheduler.BatchedEngine`) sits
+behind it without any change to the HTTP code: it implements `Engine`, pushes the events into the
+streams, and honours `cancelled` at its step boundaries.
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ class GenerationRequest:
     `top_logprobs`: None for no log-probabilities, k >= 0 for the chosen token's and the k most
     likely ones at every step. `banned_tokens` are never generated (e.g. tool calls when a request
     forbids them). `thinking_budget` caps the tokens spent in the thinking channel (None: no cap).
+    `images`/`audio`: the files of the prompt's `<|image|>`/`<|audio|>` placeholders, in order
+    (already fetched and checked; the engine encodes them).
     """
 
     prompt: tuple[int, ...]
@@ -69,6 +71,8 @@ class GenerationRequest:
     top_logprobs: int | None = None
     banned_tokens: tuple[int, ...] = ()
     thinking_budget: int | None = None
+    images: tuple[bytes, ...] = ()
+    audio: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True)

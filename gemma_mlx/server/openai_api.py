@@ -13,13 +13,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from gemma_mlx.server import sse
 from gemma_mlx.server.engine import LENGTH, FinishEvent, GenerationRequest, RequestStream, Usage
 from gemma_mlx.server.errors import invalid
+from gemma_mlx.server.media import MediaFiles
 from gemma_mlx.server.prompts import (
     ServedModel,
     encode_completion_prompt,
@@ -89,9 +90,32 @@ class TextPart(_Strict):
     text: str
 
 
+class ImageURL(_Strict):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class InputAudio(_Strict):
+    data: str
+    format: str
+
+
+class AudioPart(_Strict):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+ContentPart = Annotated[TextPart | ImagePart | AudioPart, Field(discriminator="type")]
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCallParam] | None = None
     tool_call_id: str | None = None
@@ -194,21 +218,47 @@ def _sampling(params: _Common, served: ServedModel):
     )  # fmt: skip
 
 
-def _text(content: str | list[TextPart] | None) -> str:
+def _text(content: str | list[ContentPart] | None) -> str:
     if content is None:
         return ""
     return content if isinstance(content, str) else "".join(p.text for p in content)
 
 
-def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+def _content(
+    content: str | list[ContentPart] | None, files: MediaFiles, i: int, role: str
+) -> str | list[dict[str, str]]:
+    """A message's content for the template: its text, or with images or audio its parts
+    (`{"type": "image"}` / `{"type": "audio"}` where each goes; their files into `files`)."""
+    if not isinstance(content, list) or all(isinstance(p, TextPart) for p in content):
+        return _text(content)
+    if role != "user":
+        raise invalid(f"messages.{i}.content: images and audio go in user messages",
+                      param=f"messages.{i}.content")  # fmt: skip
+    parts: list[dict[str, str]] = []
+    for j, part in enumerate(content):
+        where = f"messages.{i}.content.{j}"
+        if isinstance(part, TextPart):
+            parts.append({"type": "text", "text": part.text})
+        elif isinstance(part, ImagePart):
+            files.image_from_url(part.image_url.url, f"{where}.image_url.url")
+            parts.append({"type": "image"})
+        else:
+            audio = part.input_audio
+            files.audio_from_base64(audio.data, audio.format, f"{where}.input_audio")
+            parts.append({"type": "audio"})
+    return parts
+
+
+def template_messages(messages: list[ChatMessage], files: MediaFiles) -> list[dict[str, Any]]:
     """OpenAI messages as chat templates take them: tool-call arguments as objects, tool results
-    with the name of the call they answer."""
+    with the name of the call they answer, images and audio as content parts (read into
+    `files`)."""
     names: dict[str, str] = {}
     out = []
     for i, m in enumerate(messages):
         message: dict[str, Any] = {
             "role": "system" if m.role == "developer" else m.role,
-            "content": _text(m.content),
+            "content": _content(m.content, files, i, m.role),
         }
         if m.reasoning_content:
             message["reasoning_content"] = m.reasoning_content
@@ -263,14 +313,14 @@ def prepare_chat(params: ChatRequest, served: ServedModel) -> Prepared:
         )
     except ToolCallSyntaxError as e:
         raise invalid(str(e), param="tools") from e
-    ids = render_chat(
-        served, template_messages(params.messages), plan, _template_kwargs(params, served)
-    )
+    files = MediaFiles(served.media)
+    messages = template_messages(params.messages, files)
+    ids = render_chat(served, messages, plan, _template_kwargs(params, served))
     generation = generation_request(
         served, ids, params.max_completion_tokens or params.max_tokens, sampling,
         prompt_param="messages", stop=_stops(params.stop),
         top_logprobs=(params.top_logprobs or 0) if params.logprobs else None,
-        banned_tokens=plan.banned_tokens,
+        banned_tokens=plan.banned_tokens, media=files,
     )  # fmt: skip
     return Prepared(
         generation, params.model, bool(params.stream),

@@ -16,6 +16,7 @@ from typing import Any
 from gemma_mlx.sample import OptionError, check_sampling_options
 from gemma_mlx.server.engine import GenerationRequest, SamplingOptions
 from gemma_mlx.server.errors import APIError, invalid
+from gemma_mlx.server.media import MediaFiles, MediaPolicy
 from gemma_mlx.server.tools import ToolPlan
 from gemma_mlx.tokenizer import TokenizerError
 
@@ -31,12 +32,14 @@ class Defaults:
 
 @dataclass(frozen=True)
 class ServedModel:
-    """The model as the APIs describe it: the names it answers to, its tokenizer and context."""
+    """The model as the APIs describe it: the names it answers to, its tokenizer and context,
+    and what media it takes from where."""
 
     names: tuple[str, ...]
     tokenizer: Any
     context_length: int | None
     defaults: Defaults = field(default_factory=Defaults)
+    media: MediaPolicy = field(default_factory=MediaPolicy)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def check_name(self, name: str | None, param: str = "model") -> None:
@@ -118,8 +121,11 @@ def generation_request(
     top_logprobs: int | None = None,
     banned_tokens: tuple[int, ...] = (),
     thinking_budget: int | None = None,
+    media: MediaFiles | None = None,
 ) -> GenerationRequest:
-    """Check the prompt against the context and the options against their ranges."""
+    """Check the prompt against the context and the options against their ranges (a prompt
+    with `media` grows by their soft tokens: the engine checks it again once they are
+    encoded)."""
     limit = served.context_length
     if limit is not None and len(prompt) >= limit:
         raise invalid(
@@ -147,4 +153,6 @@ def generation_request(
         top_logprobs=top_logprobs,
         banned_tokens=banned_tokens,
         thinking_budget=thinking_budget,
+        images=tuple(media.images) if media else (),
+        audio=tuple(media.audio) if media else (),
     )

@@ -5,8 +5,8 @@ Bytes the caches hold at a context of N positions, bf16, per Gemma 4 size:
   (its `--kv-bits` fails on Gemma 4's mixed caches, so unquantized is what it can run);
 - gemma_mlx by default (no `kv_bits`): the same full layers, sliding layers their window plus the
   32 positions kept for speculative rollback;
-- gemma_mlx with `kv_bits` 8 or 4 (group 64, from position 0): full layers hold bits/8 bytes per
-  value plus a bf16 scale and bias per 64 values.
+- gemma_mlx with `kv_bits` 8 or 4 (the default group of 32, from position 0): full layers hold
+  bits/8 bytes per value plus a bf16 scale and bias per group.
 KV-shared layers (E2B/E4B) hold nothing of their own. Buffer headroom (up to 256 positions per
 layer) is left out.
 """
@@ -14,7 +14,7 @@ layer) is left out.
 from __future__ import annotations
 
 from benchmarks.configs import GEMMA4
-from gemma_mlx.cache import KVQuantization
+from gemma_mlx.cache import DEFAULT_KV_GROUP_SIZE, KVQuantization
 from gemma_mlx.models.gemma4 import ModelArgs
 
 CONTEXTS = (8192, 32768, 131072)
@@ -58,7 +58,8 @@ def kv_cache_lines(sizes: list[str]) -> list[str]:
         "",
         "What the caches hold (bf16; `benchmarks.kv_cost`): mlx-lm's unquantized cache (its "
         "`--kv-bits` fails on Gemma 4's mixed sliding/full caches), ours by default (no "
-        "`kv_bits`), and ours with `kv_bits` 8 and 4 (group 64, full-attention layers only).",
+        f"`kv_bits`), and ours with `kv_bits` 8 and 4 (group {DEFAULT_KV_GROUP_SIZE}, "
+        "full-attention layers only; sliding layers unquantized).",
         "",
         "| model | context | " + " | ".join(variants) + " | kv_bits 8 / mlx-lm |",
         "|---|---|" + "---|" * (len(variants) + 1),

@@ -5,7 +5,8 @@ without a quantized KV cache.
 
 The prompt is `--tokens` tokens of the Python Language Reference (`benchmarks.kv_quality`'s
 text), prefilled in chunks of `--chunk` (no logits), once with the unquantized caches and once
-with `--kv-bits` on the full-attention layers (group 64, from position 0). Reported per run:
+with `--kv-bits` on the full-attention layers (groups of `--kv-group-size`, from position 0).
+Reported per run:
 MLX's peak memory during the prefill (weights included, and without them), the caches' bytes
 (`nbytes`: all layers, and the full-attention layers alone) and the prefill time.
 """
@@ -22,7 +23,12 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from benchmarks.kv_quality import held_out_text
-from gemma_mlx.cache import KVQuantization, RotatingKVCache, quantize_caches
+from gemma_mlx.cache import (
+    DEFAULT_KV_GROUP_SIZE,
+    KVQuantization,
+    RotatingKVCache,
+    quantize_caches,
+)
 from gemma_mlx.decode import prefill
 from gemma_mlx.hub import resolve_model
 from gemma_mlx.loading import load
@@ -50,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.kv_memory", description=__doc__)
     p.add_argument("--tokens", type=int, default=32768, help="prompt length (default 32768)")
     p.add_argument("--kv-bits", type=int, default=8, choices=(4, 8))
+    p.add_argument("--kv-group-size", type=int, default=DEFAULT_KV_GROUP_SIZE, choices=(32, 64))
     p.add_argument("--chunk", type=int, default=512, help="prefill chunk (default 512)")
     args = p.parse_args(argv)
     model, tokenizer = load(resolve_model(None))
@@ -60,12 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     ids = ids[: args.tokens]
     runs = {
         "unquantized": measure(model, ids, args.chunk, None),
-        f"{args.kv_bits}-bit g64": measure(model, ids, args.chunk, KVQuantization(args.kv_bits)),
+        f"{args.kv_bits}-bit g{args.kv_group_size}": measure(
+            model, ids, args.chunk, KVQuantization(args.kv_bits, args.kv_group_size)
+        ),
     }
     base = runs["unquantized"]
     print(
         f"`python -m benchmarks.kv_memory --tokens {args.tokens} --kv-bits {args.kv_bits} "
-        f"--chunk {args.chunk}` (float32, weights {weights / GB:.2f} GB)\n\n"
+        f"--kv-group-size {args.kv_group_size} --chunk {args.chunk}` (float32, weights "
+        f"{weights / GB:.2f} GB)\n\n"
         "| KV cache | peak GB | peak less weights GB | KV GB (all layers) | KV ratio | "
         "full-layer KV GB | full-layer ratio | prefill s |\n|---|---|---|---|---|---|---|---|"
     )

@@ -10,11 +10,18 @@ the name table the same way from our own parameter names and undo the layouts. T
 come from the `clip.*` metadata, the tensor shapes, and the values llama.cpp hard-codes (those of
 transformers' `Gemma4VisionConfig` / `Gemma4AudioConfig`, which the released models use).
 
-The 12B's encoder-free towers (`gemma4uv`/`gemma4ua`) are not supported yet.
+The 12B's encoder-free embedders (projector types `gemma4uv` / `gemma4ua`, llama.cpp's
+`Gemma4UnifiedVisionAudioModel`) have names gguf-py's table does not hold, so `UNIFIED_NAMES`
+lists them as llama.cpp's `clip-impl.h` spells them; the converter reorders the patch
+projection's columns and the first patch LayerNorm from pixel-major (HWC) to channel-major (CHW)
+order, stores the position table as [2, positions, dim] and the final LayerNorm as
+`v.patch_norm.3`. The patch merge factor is not in the metadata (llama.cpp hard-codes 3); it
+follows from the patch projection's width and `clip.vision.patch_size`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -33,6 +40,29 @@ from gguf import MODEL_ARCH, GGUFReader, ReaderTensor, get_tensor_name_map
 from gemma_mlx.errors import ConfigError, GemmaMLXError, WeightsError
 
 VISION_PROJECTOR, AUDIO_PROJECTOR = "gemma4v", "gemma4a"
+UNIFIED_VISION_PROJECTOR, UNIFIED_AUDIO_PROJECTOR = "gemma4uv", "gemma4ua"  # the 12B
+UNIFIED_MODEL_TYPE = "gemma4_unified"
+# llama.cpp's name -> ours for the 12B's embedders (our `UnifiedVisionEmbedder` sits at
+# `embed_vision`; llama.cpp writes transformers' `pos_norm` as the third patch norm).
+UNIFIED_NAMES = {
+    "v.patch_norm.1.weight": "embed_vision.patch_ln1.weight",
+    "v.patch_norm.1.bias": "embed_vision.patch_ln1.bias",
+    "v.patch_embd.weight": "embed_vision.patch_dense.weight",
+    "v.patch_embd.bias": "embed_vision.patch_dense.bias",
+    "v.patch_norm.2.weight": "embed_vision.patch_ln2.weight",
+    "v.patch_norm.2.bias": "embed_vision.patch_ln2.bias",
+    "v.position_embd.weight": "embed_vision.pos_embedding",
+    "v.patch_norm.3.weight": "embed_vision.pos_norm.weight",
+    "v.patch_norm.3.bias": "embed_vision.pos_norm.bias",
+    "mm.input_projection.weight": "embed_vision.multimodal_embedder.embedding_projection.weight",
+    "mm.a.input_projection.weight": "embed_audio.embedding_projection.weight",
+}
+# The 12B's tensors llama.cpp stores with the patch axis in CHW order.
+UNIFIED_CHANNEL_MAJOR = (
+    "embed_vision.patch_dense.weight",
+    "embed_vision.patch_ln1.weight",
+    "embed_vision.patch_ln1.bias",
+)
 CLIP_SUFFIXES = (".weight", ".bias", ".input_max", ".input_min", ".output_max", ".output_min")
 # Not in the metadata: llama.cpp hard-codes them (transformers' defaults, the released values).
 VISION_FIXED = {
@@ -96,26 +126,39 @@ class MmprojSource:
                 "writes the towers as 'clip'); pass the model GGUF as SRC and this as --mmproj"
             )
         self.by_name = {t.name: t for t in reader.tensors}
-        self.vision = self._has_encoder("vision", VISION_PROJECTOR)
-        self.audio = self._has_encoder("audio", AUDIO_PROJECTOR)
+        vision = self._projector("vision", VISION_PROJECTOR, UNIFIED_VISION_PROJECTOR)
+        audio = self._projector("audio", AUDIO_PROJECTOR, UNIFIED_AUDIO_PROJECTOR)
+        self.vision, self.audio = vision is not None, audio is not None
         if not (self.vision or self.audio):
             raise ConfigError(f"{self.path}: holds neither a vision nor an audio encoder")
+        kinds = {
+            p in (UNIFIED_VISION_PROJECTOR, UNIFIED_AUDIO_PROJECTOR)
+            for p in (vision, audio)
+            if p is not None
+        }
+        if len(kinds) > 1:
+            raise ConfigError(
+                f"{self.path}: vision projector {vision!r} and audio projector {audio!r} are of "
+                "two different models (the 12B's are 'gemma4uv' and 'gemma4ua')"
+            )
+        self.unified = kinds == {True}
 
     def field(self, key: str, default: Any = ...) -> Any:
         return field(self.reader, self.path, key, default)
 
-    def _has_encoder(self, kind: str, projector: str) -> bool:
+    def _projector(self, kind: str, projector: str, unified: str) -> str | None:
+        """The `kind` encoder's projector type (Gemma 4's or the 12B's), None if absent."""
         if not self.field(f"clip.has_{kind}_encoder", False):
-            return False
+            return None
         found = self.field(f"clip.{kind}.projector_type", None) or self.field(
             "clip.projector_type", None
         )
-        if found != projector:
+        if found not in (projector, unified):
             raise ConfigError(
-                f"{self.path}: {kind} projector type {found!r} is not Gemma 4's ({projector!r}): "
-                "this mmproj belongs to another model"
+                f"{self.path}: {kind} projector type {found!r} is not Gemma 4's ({projector!r}, "
+                f"or {unified!r} for the 12B): this mmproj belongs to another model"
             )
-        return True
+        return found
 
     def shape(self, name: str) -> tuple[int, ...]:
         if name not in self.by_name:
@@ -138,6 +181,34 @@ class MmprojSource:
             "position_embedding_size": self.shape("v.position_embd.weight")[1],
             "use_clipped_linears": "v.blk.0.attn_q.input_min" in self.by_name,
             "standardize": "v.std_bias" in self.by_name,
+        }
+
+    def unified_vision_config(self) -> dict[str, Any]:
+        """The 12B's `gemma4_unified_vision` config; the merge factor from the patch width."""
+        patch_size = int(self.field("clip.vision.patch_size"))
+        width = self.shape("v.patch_embd.weight")[1]
+        merged = math.isqrt(width // 3)
+        if 3 * merged**2 != width or patch_size <= 0 or merged % patch_size:
+            raise WeightsError(
+                f"{self.path}: 'v.patch_embd.weight' takes {width} values per patch, not 3 x "
+                f"(k x clip.vision.patch_size {patch_size})^2 for a whole k"
+            )
+        return {
+            "model_type": "gemma4_unified_vision",
+            "patch_size": patch_size,
+            "pooling_kernel_size": merged // patch_size,
+            "mm_embed_dim": int(self.field("clip.vision.embedding_length")),
+            "mm_posemb_size": self.shape("v.position_embd.weight")[1],
+            "rms_norm_eps": float(self.field("clip.vision.attention.layer_norm_epsilon")),
+            "output_proj_dims": self.shape("mm.input_projection.weight")[1],
+        }
+
+    def unified_audio_config(self) -> dict[str, Any]:
+        """The 12B's `gemma4_unified_audio` config: raw frames of `audio_embed_dim` samples."""
+        return {
+            "model_type": "gemma4_unified_audio",
+            "audio_embed_dim": int(self.field("clip.audio.embedding_length")),
+            "rms_norm_eps": float(self.field("clip.audio.attention.layer_norm_epsilon")),
         }
 
     def audio_config(self) -> dict[str, Any]:
@@ -166,18 +237,25 @@ class MmprojSource:
                 f"{self.path}: projects into {projected} dimensions but {model_path} has hidden "
                 f"size {text['hidden_size']}: this mmproj belongs to another model"
             )
+        model_type = UNIFIED_MODEL_TYPE if self.unified else "gemma4"
         config: dict[str, Any] = {
-            "model_type": "gemma4",
-            "architectures": ["Gemma4ForConditionalGeneration"],
+            "model_type": model_type,
+            "architectures": [
+                "Gemma4UnifiedForConditionalGeneration"
+                if self.unified
+                else "Gemma4ForConditionalGeneration"
+            ],
             "text_config": text,
             "tie_word_embeddings": text["tie_word_embeddings"],
         }
         wanted = {}
         if self.vision:
-            config["vision_config"] = self.vision_config()
+            vision = self.unified_vision_config() if self.unified else self.vision_config()
+            config["vision_config"] = vision
             wanted |= VISION_TOKENS
         if self.audio:
-            config["audio_config"] = self.audio_config()
+            audio = self.unified_audio_config() if self.unified else self.audio_config()
+            config["audio_config"] = audio
             wanted |= AUDIO_TOKENS
         for key, spelling in wanted.items():
             if spelling not in vocabulary:
@@ -196,12 +274,16 @@ class MmprojSource:
     def tensors(self, our_names: Iterable[str]) -> list[tuple[str, ReaderTensor]]:
         """(our name, GGUF tensor) of every tower tensor; `our_names`: the tower parameters of the
         model the config describes. A tensor of the file that is none of them is an error."""
-        table = get_tensor_name_map(MODEL_ARCH.MMPROJ, MAX_TOWER_BLOCKS)
         by_gguf = {}
-        for ours in our_names:
-            name = table.get_name(llama_cpp_name(ours), try_suffixes=CLIP_SUFFIXES)
-            if name is not None:
-                by_gguf[name] = ours
+        if self.unified:
+            wanted = set(our_names)
+            by_gguf = {name: ours for name, ours in UNIFIED_NAMES.items() if ours in wanted}
+        else:
+            table = get_tensor_name_map(MODEL_ARCH.MMPROJ, MAX_TOWER_BLOCKS)
+            for ours in our_names:
+                name = table.get_name(llama_cpp_name(ours), try_suffixes=CLIP_SUFFIXES)
+                if name is not None:
+                    by_gguf[name] = ours
         unknown = sorted(set(self.by_name) - set(by_gguf))
         if unknown:
             raise WeightsError(
@@ -227,6 +309,14 @@ def _patch_embedding(value: np.ndarray) -> np.ndarray:
     return value.transpose(0, 2, 3, 1).reshape(value.shape[0], -1)
 
 
+def _channel_major_to_pixel_major(value: np.ndarray) -> np.ndarray:
+    """The 12B's patch axis (last) from llama.cpp's CHW order (what its im2col gives) back to
+    transformers' HWC order: [..., 3 * p * p] -> [..., p * p * 3]."""
+    rows = value.reshape(-1, value.shape[-1])
+    side = math.isqrt(rows.shape[1] // 3)
+    return _patch_embedding(rows.reshape(rows.shape[0], 3, side, side)).reshape(value.shape)
+
+
 def _inverse_softplus(value: np.ndarray) -> np.ndarray:
     """llama.cpp stores softplus(per_dim_scale); the model applies softplus itself."""
     y = value.astype(np.float64)
@@ -239,6 +329,10 @@ def layout_change(ours: str, shape: tuple[int, ...]) -> Callable[[np.ndarray], n
         return lambda v: v.reshape(())
     if ours.endswith("patch_embedder.input_proj.weight"):
         return _patch_embedding
+    if ours in UNIFIED_CHANNEL_MAJOR:
+        return _channel_major_to_pixel_major
+    if ours == "embed_vision.pos_embedding":  # [2, positions, dim] -> [positions, 2, dim]
+        return lambda v: v.transpose(1, 0, 2)
     if ours.endswith("conv.weight") and len(shape) == 4:  # [out, in, kh, kw] -> [out, kh, kw, in]
         return lambda v: v.transpose(0, 2, 3, 1)
     if ours.endswith("depthwise_conv1d.weight"):  # [C, K] -> [C, K, 1]

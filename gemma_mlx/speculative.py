@@ -30,6 +30,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from gemma_mlx.decode import TokenStep, log_softmax, prefill_prompt
+from gemma_mlx.distributed.stage import PipelineModel
 from gemma_mlx.kernels import verify as verify_kernels
 from gemma_mlx.sample import FilteredSampler, greedy, make_sampler
 
@@ -318,7 +319,10 @@ def speculative_tokens(
             drafter.prefill(context)
             prompt_done()
         else:
-            controller.observe(k, n, time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            if isinstance(model, PipelineModel):  # every rank must choose the same next k
+                seconds = model.rank_0_value(seconds)
+            controller.observe(k, n, seconds)
             stats.record(k, n)
             drafter.commit(context, k, n)
         for i, token in enumerate(new_tokens):

@@ -11,7 +11,7 @@ from convert_sources import run_converter, staging_leftovers
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFWriter
 from gguf_reference import finish, reference_state_dict, write_gguf
-from mmproj_reference import load_back, write_mmproj
+from mmproj_reference import load_back, write_mmproj, write_unified_mmproj
 from multimodal_chat_model import MEDIA_TOKENS, write_image
 from multimodal_reference import VARIANTS, save_reference
 from test_convert_multimodal import assert_logits_match
@@ -38,6 +38,25 @@ def test_gguf_with_mmproj_matches_transformers(e2b_files, tmp_path):
     assert_logits_match(torch_model, tmp_path / "mlx", "e2b")
 
 
+def test_gguf_with_the_12b_unified_mmproj_matches_transformers(tmp_path):
+    """The 12B: llama.cpp's `gemma4uv`/`gemma4ua` projector (encoder-free embedders, patch
+    columns in CHW order, position table transposed) gives transformers' logits with an image
+    and audio in the prompt."""
+    torch_model = save_reference(VARIANTS["12b"](), tmp_path / "hf")
+    stored = write_gguf(torch_model, tmp_path / "model.gguf", T.Q8_0, special=MEDIA_TOKENS)
+    reference_state_dict(torch_model, stored)
+    load_back(torch_model, write_unified_mmproj(torch_model, tmp_path / "mmproj.gguf"))
+    status, stderr = run_converter(
+        tmp_path / "model.gguf", "--mmproj", tmp_path / "mmproj.gguf", "-o", tmp_path / "mlx"
+    )
+    assert status == 0, stderr
+    config = json.loads((tmp_path / "mlx" / "config.json").read_text())
+    assert config["model_type"] == "gemma4_unified"
+    assert config["vision_config"]["pooling_kernel_size"] == 3
+    assert config["audio_config"]["audio_embed_dim"] == 20
+    assert_logits_match(torch_model, tmp_path / "mlx", "12b")
+
+
 def test_gguf_without_mmproj_stays_text_only(e2b_files, tmp_path):
     _, model_gguf, _ = e2b_files
     status, stderr = run_converter(model_gguf, "-o", tmp_path / "mlx")
@@ -58,9 +77,17 @@ def test_bad_mmproj_is_one_clear_error(e2b_files, tmp_path):
     writer.add_clip_has_vision_encoder(True)
     writer.add_clip_projector_type("gemma3")
     finish(writer)
+    mixed = tmp_path / "mixed-mmproj.gguf"  # the 12B's vision beside another model's audio
+    writer = GGUFWriter(mixed, "clip")
+    writer.add_clip_has_vision_encoder(True)
+    writer.add_clip_vision_projector_type("gemma4uv")
+    writer.add_clip_has_audio_encoder(True)
+    writer.add_clip_audio_projector_type("gemma4a")
+    finish(writer)
     cases = [
         (model_gguf, tmp_path / "missing.gguf", "missing.gguf: no such file"),
-        (model_gguf, gemma3, "'gemma3' is not Gemma 4's"),
+        (model_gguf, gemma3, "'gemma3' is not Gemma 4's ('gemma4v', or 'gemma4uv' for the 12B)"),
+        (model_gguf, mixed, "are of two different models"),
         (model_gguf, truncated, "truncated.gguf: not a readable GGUF"),
         (model_gguf, model_gguf, "not an mmproj file"),
         (other_gguf, mmproj, "belongs to another model"),

@@ -76,15 +76,8 @@ class JobChannel:
         self.model = model
 
     def _sum(self, values: mx.array, waiting_for: str) -> mx.array:
-        model = self.model
-        with model.watchdog.step(waiting_for):
-            try:
-                total = mx.distributed.all_sum(values, group=model.group)
-                mx.eval(total)
-            except RuntimeError as e:
-                raise PipelineError(
-                    f"pipeline rank {model.rank} of {model.size}: {e} (another rank ended)"
-                ) from e
+        total = mx.distributed.all_sum(values, group=self.model.group)
+        self.model.wait(waiting_for, total)
         return total
 
     def send(self, kind: int, payload: bytes = b"") -> None:

@@ -88,6 +88,26 @@ class PipelineModel(nn.Module):
             for i in self.kv_layers
         ]
 
+    def rank_0_value(self, value: float) -> float:
+        """Rank 0's `value` on every rank (one small `all_sum`): for choices that would otherwise
+        differ by rank and change the next step's shape, e.g. the adaptive draft length, which
+        each rank would fit to its own clock."""
+        mine = mx.array([value if self.is_first else 0.0], mx.float32)
+        total = mx.distributed.all_sum(mine, group=self.group)
+        self.wait("the other ranks' timing", total)
+        return total.item()
+
+    def wait(self, waiting_for: str, *arrays: mx.array) -> None:
+        """Evaluate `arrays` (work that waits on other ranks) under the watchdog's deadline; a
+        lost peer raises `PipelineError`."""
+        with self.watchdog.step(waiting_for):
+            try:
+                mx.eval(*arrays)
+            except RuntimeError as e:
+                raise PipelineError(
+                    f"pipeline rank {self.rank} of {self.size}: {e} (another rank ended)"
+                ) from e
+
     def batched(self, *_, **__):
         raise PipelineError("batched generation is not available on a pipelined model")
 
@@ -123,13 +143,8 @@ class PipelineModel(nn.Module):
             logits, stop = message[..., :V], message[0, 0, -1]
             h = message[..., V:-1] if return_hidden else h
         state = [a for c in (cache or []) for a in c.state]
-        with self.watchdog.step(f"the pipeline step of {T} token(s)"):
-            try:
-                mx.eval(logits, h, *sent, *state, *([] if stop is None else [stop]))
-            except RuntimeError as e:
-                raise PipelineError(
-                    f"pipeline rank {self.rank} of {self.size}: {e} (another rank ended)"
-                ) from e
+        stops = [] if stop is None else [stop]
+        self.wait(f"the pipeline step of {T} token(s)", logits, h, *sent, *state, *stops)
         if stop is not None and stop.item():
             raise StopRequested(f"pipeline rank {self.rank}: rank 0 ended the generation")
         return (logits, h) if return_hidden else logits

@@ -49,17 +49,14 @@ from gemma_mlx.server.engine import (
     QueueFullError,
     RequestStream,
     SamplingOptions,
-    TokenEvent,
     Usage,
 )
 from gemma_mlx.server.generation import (
     GenerationSettings,
+    Reply,
     logits_processors,
-    matched_stop,
-    top_logprobs,
 )
 from gemma_mlx.server.prefix_cache import PrefixCache
-from gemma_mlx.tokenizer import ANSWER
 
 log = logging.getLogger("gemma_mlx.server")
 
@@ -289,29 +286,18 @@ class PipelineEngine(_Rank):
     def _hand_out(self, stream: RequestStream, job: GenerationRequest) -> FinishEvent:
         """Run the generation, streaming its tokens; its FinishEvent. A cancel or shutdown
         raises the stop flag and keeps stepping (tokens dropped) until every rank stops."""
-        generated, answer_tokens, answer_text = 0, [], []
+        generated, reply = 0, Reply(job.top_logprobs)
         ended: str | None = None  # why rank 0 asked the ranks to stop
-        k = job.top_logprobs
         steps = job_responses(self.model, self.tokenizer, job, self.settings, self.make_cache)
         try:
             for r in steps:
                 if ended is not None:
                     continue
                 generated += 1
-                if r.channel == ANSWER:
-                    answer_tokens.append(r.token)
-                    answer_text.append(r.text)
-                if k is None:
-                    stream.push(TokenEvent(r.token, r.text, r.channel))
-                else:
-                    lp = r.logprobs[r.token].item()
-                    stream.push(TokenEvent(r.token, r.text, r.channel, lp, top_logprobs(r.logprobs, k)))  # fmt: skip
+                stream.push(reply.event(r))
                 usage = Usage(len(job.prompt), 0, generated)
                 if r.finish_reason is not None:
-                    stop_string = None
-                    if r.finish_reason == "stop" and r.token not in self.tokenizer.eos_token_ids:
-                        text = "".join(answer_text)
-                        stop_string = matched_stop(self.tokenizer, answer_tokens, text, job.stop)
+                    stop_string = reply.stop_string(self.tokenizer, r, job.stop)
                     return FinishEvent(r.finish_reason, usage, stop_string)
                 if stream.cancelled or self._closing:
                     ended = CANCELLED if stream.cancelled else SHUTDOWN

@@ -5,7 +5,7 @@ string ended a reply. Runs on the engine's thread (it is MLX work).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
@@ -13,7 +13,8 @@ import numpy as np
 
 from gemma_mlx.media.image import DEFAULT_SOFT_TOKENS
 from gemma_mlx.sample import LogitsProcessor, make_logits_processors
-from gemma_mlx.server.engine import GenerationRequest
+from gemma_mlx.server.engine import GenerationRequest, TokenEvent
+from gemma_mlx.tokenizer import ANSWER
 
 
 @dataclass(frozen=True)
@@ -123,3 +124,30 @@ def matched_stop(tokenizer: Any, answer_tokens: list[int], answer_text: str, sto
     found = [(raw.find(s, max(0, len(answer_text) - 1)), i, s) for i, s in enumerate(stops)]
     found = [f for f in found if f[0] >= 0]
     return min(found)[2] if found else None
+
+
+@dataclass
+class Reply:
+    """A request's reply as it is handed out: the stream event of each generated token, and the
+    answer channel's tokens and text, which a stop string is matched against at the end."""
+
+    top_logprobs: int | None
+    answer_tokens: list[int] = field(default_factory=list)
+    answer_text: list[str] = field(default_factory=list)
+
+    def event(self, r: Any) -> TokenEvent:
+        """Record the generated token `r` (a `GenerationResponse`); its stream event."""
+        if r.channel == ANSWER:
+            self.answer_tokens.append(r.token)
+            self.answer_text.append(r.text)
+        k = self.top_logprobs
+        if k is None:
+            return TokenEvent(r.token, r.text, r.channel)
+        lp = r.logprobs[r.token].item()
+        return TokenEvent(r.token, r.text, r.channel, lp, top_logprobs(r.logprobs, k))
+
+    def stop_string(self, tokenizer: Any, r: Any, stops) -> str | None:
+        """The stop string that ended the reply at `r`, if a stop string did."""
+        if r.finish_reason != "stop" or r.token in tokenizer.eos_token_ids:
+            return None
+        return matched_stop(tokenizer, self.answer_tokens, "".join(self.answer_text), stops)

@@ -44,17 +44,14 @@ from gemma_mlx.server.engine import (
     GenerationRequest,
     QueueFullError,
     RequestStream,
-    TokenEvent,
     Usage,
 )
 from gemma_mlx.server.generation import (
     GenerationSettings,
+    Reply,
     logits_processors,
-    matched_stop,
-    top_logprobs,
 )
 from gemma_mlx.server.prefix_cache import PrefixCache
-from gemma_mlx.tokenizer import ANSWER
 
 log = logging.getLogger("gemma_mlx.server")
 
@@ -105,8 +102,10 @@ class _Request:
     started: float = field(default_factory=time.perf_counter)
     uid: int | None = None  # the scheduler's id, once in the batch
     generated: int = 0
-    answer_tokens: list[int] = field(default_factory=list)
-    answer_text: list[str] = field(default_factory=list)
+    reply: Reply = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.reply = Reply(self.stream.request.top_logprobs)
 
     @property
     def usage(self) -> Usage:
@@ -320,24 +319,10 @@ class BatchedEngine:
 
     def _hand_out(self, request: _Request, r: Any) -> None:
         request.generated += 1
-        if r.channel == ANSWER:
-            request.answer_tokens.append(r.token)
-            request.answer_text.append(r.text)
-        k = request.stream.request.top_logprobs
-        if k is None:
-            event = TokenEvent(r.token, r.text, r.channel)
-        else:
-            lp = r.logprobs[r.token].item()
-            event = TokenEvent(r.token, r.text, r.channel, lp, top_logprobs(r.logprobs, k))
-        request.stream.push(event)
+        request.stream.push(request.reply.event(r))
         if r.finish_reason is None:
             return
-        stop_string = None
-        if r.finish_reason == "stop" and r.token not in self.tokenizer.eos_token_ids:
-            stop_string = matched_stop(
-                self.tokenizer, request.answer_tokens, "".join(request.answer_text),
-                request.stream.request.stop,
-            )  # fmt: skip
+        stop_string = request.reply.stop_string(self.tokenizer, r, request.stream.request.stop)
         self._finish(request, r.finish_reason, stop_string=stop_string)
 
     def _finish(self, request: _Request, reason: str, stop_string: str | None = None,

@@ -190,7 +190,7 @@ class PipelineEngine(_Rank):
         with self._cond:
             if self._closing:
                 raise EngineClosedError("the server is shutting down")
-            if len(self._waiting) > self.max_queue:
+            if len(self._waiting) >= self.max_queue:
                 raise QueueFullError(
                     f"one request is running and {len(self._waiting)} waiting (a pipeline "
                     f"serves one at a time; --max-queue {self.max_queue})",

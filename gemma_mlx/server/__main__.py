@@ -29,6 +29,7 @@ from gemma_mlx.cache import KV_BITS, kv_quantization, quantize_caches
 from gemma_mlx.distributed.serving import PipelineFollower, pipeline_engine
 from gemma_mlx.distributed.stage import PipelineError, PipelineModel
 from gemma_mlx.errors import GemmaMLXError
+from gemma_mlx.machine_memory import physical_memory
 from gemma_mlx.media.image import DEFAULT_SOFT_TOKENS, SOFT_TOKEN_BUDGETS
 from gemma_mlx.media.untrusted import SourcePolicy
 from gemma_mlx.sample import OptionError, check_sampling_options
@@ -59,10 +60,6 @@ def parse_size(text: str) -> int:
     number, unit, binary = match.groups()
     base = 1024 if binary else 1000
     return int(float(number) * base ** "_kmgt".index(unit.lower() or "_"))
-
-
-def physical_memory() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def default_cache_bytes() -> int:

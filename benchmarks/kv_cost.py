@@ -14,12 +14,11 @@ layer) is left out.
 from __future__ import annotations
 
 from benchmarks.configs import GEMMA4
-from gemma_mlx.cache import DEFAULT_KV_GROUP_SIZE, KVQuantization
+from gemma_mlx.cache import DEFAULT_KV_GROUP_SIZE, DEFAULT_MAX_TRIM, KVQuantization
 from gemma_mlx.models.gemma4 import ModelArgs
 
 CONTEXTS = (8192, 32768, 131072)
 BF16 = 2
-DEFAULT_MAX_TRIM = 32  # `make_cache()`'s rollback room
 
 
 def held_bytes(
@@ -41,7 +40,9 @@ def held_bytes(
             dense = min(context, quantization.start)
             per_position = values * quantization.bits // 8
             per_position += 2 * (values // quantization.group_size) * BF16
+            unsettled = min(context - dense, DEFAULT_MAX_TRIM + quantization.group_size)
             total += values * BF16 * dense + per_position * (context - dense)
+            total += values // 2 * BF16 * unsettled  # the newest keys, also as computed
     return total
 
 

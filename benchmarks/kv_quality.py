@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.positions} teacher-forced against the unquantized cache; KV bytes are all "
         "layers' caches (sliding layers unquantized) relative to the unquantized ones; greedy: "
         f"{args.greedy} tokens from the same point. Quantization from position 0 "
-        "(`quantized_kv_start=0`), full-attention layers.\n\n"
+        "(`quantized_kv_start=0`), full-attention layers; keys per channel over blocks of g "
+        "positions, values per position in groups of g along the head dimension.\n\n"
         f"| KV cache | mean KLD | top-{TOP} KLD | top-1 | KV bytes | greedy | decode tok/s |\n"
         "|---|---|---|---|---|---|---|\n"
     )

@@ -4,6 +4,8 @@ cache (dense, E-style and MoE tiny models), which must equal plain greedy with t
 
 from __future__ import annotations
 
+import dataclasses
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -21,7 +23,7 @@ from gemma_mlx.cache import (
 from gemma_mlx.drafters import AssistantDrafter, PromptLookupDrafter
 from gemma_mlx.errors import GemmaMLXError, OptionError, OptionTypeError
 from gemma_mlx.kernels.attention import attention
-from gemma_mlx.kernels.quantized_attention import QuantizedKV, dequantized_attention
+from gemma_mlx.kernels.quantized_attention import QuantizedKeys, dequantized_attention
 from gemma_mlx.speculative import SpeculationStats, speculative_tokens
 
 DTYPES = [mx.float32, mx.bfloat16, mx.float16]
@@ -57,8 +59,10 @@ def test_attention_matches_dequantized_reference(dtype, head_dim, positions, que
     """Quantized matmuls on the packed cache = MLX's attention over the dequantized cache, within
     what MLX's own attention in that dtype loses against float32 (plus a float32 margin)."""
     keys, values = _kv((1, 2, positions, head_dim), dtype, 0)
-    _, (k, v) = _filled(KVQuantization(8, 64, start), keys, values, [positions])
-    assert isinstance(k, QuantizedKV) and k.shape == keys.shape
+    cache, _ = _filled(KVQuantization(8, 64, start), keys, values, [positions])
+    k, v = cache.fetch()
+    assert isinstance(k, QuantizedKeys) and k.shape == keys.shape
+    assert k.blocks is not None and k.tail is not None  # every part of the layout in play
     q = mx.random.normal((1, 8, queries, head_dim), key=mx.random.key(1)).astype(dtype)
     if mask == "window":
         mask = attention_mask(positions - queries, positions, 0, 64)
@@ -71,39 +75,78 @@ def test_attention_matches_dequantized_reference(dtype, head_dim, positions, que
     assert mx.abs(got - want).max().item() <= allowed
 
 
+def test_a_chunk_attends_as_its_queries_would_one_at_a_time():
+    """Queries of one chunk that arrive before and after a key block is completed see it as they
+    would alone: chunked attention equals token-by-token attention up to float32 rounding (the
+    products' row counts differ), where seeing the block quantized would differ by far more."""
+    q = KVQuantization(8, 32, 20)
+    keys, values = _kv((1, 2, 200, 64), mx.float32, 7)
+    queries = mx.random.normal((1, 4, 200, 64), key=mx.random.key(8))
+    one = QuantizedKVCache(q, max_trim=9)
+    alone = []
+    for i in range(200):
+        kv = one.update_and_fetch(keys[..., i : i + 1, :], values[..., i : i + 1, :])
+        alone.append(attention(queries[:, :, i : i + 1], *kv, 0.125, None))
+    chunked, start, split = QuantizedKVCache(q, max_trim=9), 0, 0
+    for end in (20, 25, 34, 40, 41, 70, 101, 133, 140, 200):  # across block ends
+        k, v = chunked.update_and_fetch(keys[..., start:end, :], values[..., start:end, :])
+        got = attention(
+            queries[:, :, start:end], k, v, 0.125, "causal" if end - start > 1 else None
+        )
+        want = mx.concatenate(alone[start:end], axis=2)
+        assert mx.abs(got - want).max().item() < 1e-6, (start, end)
+        if isinstance(k, QuantizedKeys) and len(k.views) > 1:  # seeing every block quantized
+            split += 1
+            one_view = dataclasses.replace(k, views=())
+            wrong = attention(queries[:, :, start:end], one_view, v, 0.125, "causal")
+            assert mx.abs(wrong - want).max().item() > 1e-4
+        start = end
+    assert split >= 3
+
+
 def test_prefix_only_cache_returns_plain_arrays():
     """Below `start` nothing is quantized: the model computes exactly as without quantization."""
     keys, values = _kv((1, 2, 10, 64), mx.float32, 2)
     cache, (k, v) = _filled(KVQuantization(8, 64, 10), keys, values, [4, 10])
     assert isinstance(k, mx.array) and mx.array_equal(k, keys) and mx.array_equal(v, values)
     cache.update_and_fetch(*_kv((1, 2, 1, 64), mx.float32, 3))
-    assert isinstance(cache.fetch()[0], QuantizedKV)
+    assert isinstance(cache.fetch()[0], QuantizedKeys)
 
 
 @pytest.mark.parametrize("start", [0, 37])
 @pytest.mark.parametrize("bits", [8, 4])
 def test_chunking_and_trim_are_exact(start, bits):
-    """The stored bits do not depend on chunking, and a trim restores the earlier state bitwise,
-    across the dense/quantized boundary and the buffer's growth steps."""
+    """The stored bits do not depend on chunking, and a trim of up to `max_trim_kept` positions
+    restores the earlier state bitwise, across the dense/quantized boundary, key blocks being
+    completed and the buffers' growth steps; a deeper trim stops at the quantized key blocks."""
     q = KVQuantization(bits, 32, start)
     keys, values = _kv((1, 2, 600, 64), mx.bfloat16, 3)
     one, _ = _filled(q, keys, values, [600])
     many, _ = _filled(q, keys, values, [1, 2, 40, 41, 255, 256, 257, 400, 600])
-    assert len(one.state) == len(many.state) == (8 if start else 6)
+    assert len(one.state) == len(many.state) == (9 if start else 7)
     for a, b in zip(one.state, many.state, strict=True):
         assert mx.array_equal(a, b)
-    # Roll back 300 positions (past the boundary when start > 0 is not reached: 600 - 300 > 37),
-    # then 290 more (into the dense prefix), then feed the same positions again.
-    assert many.trim(300) == 300 and many.trim(290) == 290 and many.offset == 10
-    other_k, other_v = _kv((1, 2, 10, 64), mx.bfloat16, 4)
-    short, _ = _filled(q, keys, values, [10])
-    for a, b in zip(short.state, many.state, strict=True):
+    other_k, other_v = _kv((1, 2, 600, 64), mx.bfloat16, 4)
+    rolled = QuantizedKVCache(q, max_trim=9)
+    for end in range(5, 600, 5):  # a verify of 5 drafts + 4 extra, rejected, then 5 accepted
+        rolled.update_and_fetch(
+            other_k[..., end - 5 : end + 4, :], other_v[..., end - 5 : end + 4, :]
+        )
+        assert rolled.trim(9) == 9
+        rolled.update_and_fetch(keys[..., end - 5 : end, :], values[..., end - 5 : end, :])
+    rolled.update_and_fetch(keys[..., 595:, :], values[..., 595:, :])
+    reference = QuantizedKVCache(q, max_trim=9)
+    reference.update_and_fetch(keys, values)
+    for a, b in zip(reference.state, rolled.state, strict=True):
         assert mx.array_equal(a, b)
-    many.update_and_fetch(other_k, other_v)  # different tokens in the trimmed slots
-    many.trim(10)
-    many.update_and_fetch(keys[..., 10:, :], values[..., 10:, :])
-    for a, b in zip(one.state, many.state, strict=True):
-        assert mx.array_equal(a, b)
+    # Whole blocks are quantized; keys of the newest `max_trim_kept` (32) positions and the rest
+    # of their block stay as computed too, and a trim stops where they start.
+    kept = one.max_trim
+    assert 32 <= kept < 64 and one.tail_start == 600 - start - kept
+    assert one.blocked == (600 - start) // 32 * 32
+    assert one.trim(100) == kept and one.max_trim == 0 and one.trim(1) == 0
+    short, _ = _filled(q, keys, values, [30])
+    assert short.trim(30) == 30 and short.offset == 0  # nothing quantized yet: any depth
 
 
 @pytest.mark.parametrize("start", [0, 5, 50])
@@ -111,12 +154,15 @@ def test_state_round_trip_and_conversion(start):
     """`state`/`meta_state` restore an equal cache; converting a filled KVCache gives the same
     bits as quantizing while filling; nbytes counts the packed bytes."""
     q = KVQuantization(4, 64, start)
-    keys, values = _kv((1, 1, 20, 128), mx.float32, 5)
-    cache, _ = _filled(q, keys, values, [3, 20])
+    keys, values = _kv((1, 1, 150, 128), mx.float32, 5)
+    cache, _ = _filled(q, keys, values, [3, 150])
     restored = QuantizedKVCache(KVQuantization(8, 32))
     restored.state = tuple(mx.array(a) for a in cache.state)
     restored.meta_state = cache.meta_state
-    assert restored.offset == 20 and restored.quantization == q
+    assert restored.offset == 150 and restored.quantization == q
+    blocked = (150 - start) // 64 * 64
+    assert restored.blocked == cache.blocked == blocked and restored.max_trim_kept == 32
+    assert restored.tail_start == cache.tail_start == 64
     dense = KVCache()
     dense.update_and_fetch(keys, values)
     caches = quantize_caches([dense, RotatingKVCache(8)], q)
@@ -125,10 +171,13 @@ def test_state_round_trip_and_conversion(start):
         for a, b in zip(cache.state, other.state, strict=True):
             assert mx.array_equal(a, b)
         assert mx.array_equal(attention_of(cache), attention_of(other))
-    quantized = 20 - min(start, 20)
-    # 4 bits: 64 bytes per 128-value row, plus a float32 scale and bias per 64 values.
-    packed = 2 * quantized * (64 + 2 * 2 * 4)
-    assert cache.nbytes == packed + 2 * min(start, 20) * 128 * 4
+    quantized = 150 - start
+    # Values at 4 bits: 64 bytes per 128-value row, plus a float32 scale and bias per 64 values;
+    # keys: whole blocks of 64 positions at 4 bits with a float32 scale and bias per channel,
+    # and from position 64 on (the newest 32 and the rest of their block) float32 as well.
+    values_bytes = quantized * (64 + 2 * 2 * 4)
+    keys_bytes = blocked * 128 // 2 + blocked // 64 * 128 * 2 * 4 + (quantized - 64) * 128 * 4
+    assert cache.nbytes == values_bytes + keys_bytes + 2 * start * 128 * 4
     with pytest.raises(OptionError, match="quantized with"):
         quantize_caches(caches, KVQuantization(8, 64, start))
 

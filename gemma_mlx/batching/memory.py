@@ -47,7 +47,7 @@ def sequence_kv_bytes(
     """The most bytes the caches of one sequence can hold: `total_tokens` positions (prompt plus
     generated), `max_trim` extra for a verify's drafts, fed at most `chunk` at a time; with
     `quantization`, full-attention layers hold packed values plus a scale and bias per group
-    from position `quantization.start` on."""
+    from position `quantization.start` on, and the newest keys also as computed."""
     args = model.args
     per_value = _itemsize(model)
     positions = total_tokens + max_trim
@@ -67,6 +67,9 @@ def sequence_kv_bytes(
             groups = 2 * (values // quantization.group_size) * per_value
             total += values * per_value * (_round_up(dense, KVCache.step) if dense else 0)
             total += (packed + groups) * _round_up(quantized, QuantizedKVCache.step)
+            # Keys still as computed: the rollback room, the block in progress, a chunk.
+            unsettled = min(quantized, max_trim + quantization.group_size + chunk)
+            total += values // 2 * per_value * unsettled
     return total
 
 

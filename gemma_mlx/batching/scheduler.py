@@ -36,7 +36,12 @@ from gemma_mlx.batching.memory import default_budget, pass_activation_bytes, seq
 from gemma_mlx.batching.passes import Feed, Pass, choose, commit
 from gemma_mlx.batching.sequence import BatchSequence
 from gemma_mlx.batching.speculation import SequenceDraft, draft_planner
-from gemma_mlx.cache import held_quantization, kv_quantization_of, quantize_caches
+from gemma_mlx.cache import (
+    DEFAULT_MAX_TRIM,
+    held_quantization,
+    kv_quantization_of,
+    quantize_caches,
+)
 from gemma_mlx.decode import default_prefill_step_size
 from gemma_mlx.drafters import make_drafter
 from gemma_mlx.errors import OptionError, OptionTypeError
@@ -55,7 +60,6 @@ ENGINE_OPTIONS = ("draft", "num_draft", "token_generator", "prefill_step_size", 
 # Options of `stream_generate` for multimodal prompts, which the batched pass does not take.
 MEDIA_OPTIONS = ("images", "audio")
 # Extra positions sliding-window caches keep (the model's default), enough for any draft length.
-DEFAULT_MAX_TRIM = 32
 
 
 @dataclass

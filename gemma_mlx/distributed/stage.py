@@ -18,7 +18,13 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from gemma_mlx.cache import KVCache, RotatingKVCache, attention_mask, window_start
+from gemma_mlx.cache import (
+    DEFAULT_MAX_TRIM,
+    KVCache,
+    RotatingKVCache,
+    attention_mask,
+    window_start,
+)
 from gemma_mlx.distributed.split import Split
 from gemma_mlx.distributed.watchdog import Watchdog
 from gemma_mlx.errors import GemmaMLXError
@@ -80,7 +86,7 @@ class PipelineModel(nn.Module):
         """This rank's layers that own KV (every rank has at least one): its caches."""
         return range(self.start, min(self.end, self.args.first_kv_shared_layer))
 
-    def make_cache(self, max_trim: int = 32) -> list[KVCache | RotatingKVCache]:
+    def make_cache(self, max_trim: int = DEFAULT_MAX_TRIM) -> list[KVCache | RotatingKVCache]:
         return [
             RotatingKVCache(self.args.sliding_window, max_trim)
             if self.args.is_sliding(i)

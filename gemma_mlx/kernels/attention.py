@@ -10,7 +10,7 @@ in float32; launch 2 merges the chunks per head. The keys and values are read wh
 holds them (strided slices, no copy), each chunk once for all the query heads of its KV head.
 
 `attention` is what the models call: it sends keys and values read from a quantized cache
-(`QuantizedKV`) to `quantized_attention` (MLX's quantized matmuls; the fused kernel here takes
+(`QuantizedKeys`, `QuantizedKV`) to `quantized_attention` (MLX's quantized matmuls; the fused kernel here takes
 dense caches only) and everything else to `decode_attention`.
 
 The reference is the model's composed code (`mx.fast.scaled_dot_product_attention`), which is
@@ -26,7 +26,7 @@ import mlx.core as mx
 from .backend import CHECK_KEY, KernelOp
 from .operands import float_constants
 from .projection import FLOATS
-from .quantized_attention import QuantizedKV, quantized_attention
+from .quantized_attention import QuantizedKeys, QuantizedKV, quantized_attention
 from .spec import Kernels, KernelSpec, Launch
 from .tolerance import normwise_mismatch
 
@@ -169,12 +169,12 @@ def decode_attention(
 
 def attention(
     q: mx.array,
-    k: mx.array | QuantizedKV,
+    k: mx.array | QuantizedKeys,
     v: mx.array | QuantizedKV,
     scale: float,
     mask: str | mx.array | None = None,
 ) -> mx.array:
     """Attention of q [B, heads, T, D] over cached k, v, dense or quantized."""
-    if isinstance(k, QuantizedKV):
+    if isinstance(k, QuantizedKeys):
         return quantized_attention(q, k, v, scale, mask)
     return decode_attention(q, k, v, scale, mask)

@@ -1,12 +1,19 @@
 """Attention over a quantized KV cache with MLX's quantized matmuls.
 
-A quantized cache (`gemma_mlx.cache.QuantizedKVCache`) holds each key and value row as MLX's
-affine groups (`mx.quantize` along the head dimension: packed uint32, one scale and bias per
-group), optionally after a prefix of positions kept in the model's dtype. Attention reads the
-packed rows where they lie: the scores are one `mx.quantized_matmul` of the queries against the
-packed keys (transposed), the output one of the softmax weights against the packed values, so no
-dequantized copy of the cache is made per step. A dense prefix adds one ordinary product to each
-side, and the softmax runs over the prefix and the quantized positions together, in float32.
+A quantized cache (`gemma_mlx.cache.QuantizedKVCache`) holds values row by row as MLX's affine
+groups (`mx.quantize` along the head dimension: packed uint32, one scale and bias per group) and
+keys channel by channel: transposed, each channel quantized along blocks of positions
+(`QuantizedKeys`), because keys have outlier channels that would widen every group along the
+head dimension they fall in. Both can follow a prefix of positions kept in the model's dtype, and
+keys of a block not yet complete stay as computed.
+
+Attention reads the packed arrays where they lie: the scores are one `mx.quantized_matmul` of the
+queries against the packed keys, the output one of the softmax weights against the packed
+values, so a step makes no dequantized copy of the cache. Dense parts add ordinary products, and
+the softmax runs over every position together, in float32. Queries of one chunk that arrived
+before and after a block was completed see it differently (`QuantizedKeys.views`): those
+positions get both products and each query keeps its own, so a chunk computes what its queries
+would one at a time.
 
 The reference the tests hold this to is `dequantized_attention`: the cache dequantized, then MLX's
 fused attention in float32.
@@ -57,11 +64,129 @@ class QuantizedKV:
         return rest if self.dense is None else mx.concatenate([self.dense, rest], axis=2)
 
 
+@dataclass(frozen=True)
+class QuantizedKeys:
+    """Cached keys [B, kv heads, positions, D]: the first `dense.shape[2]` positions as computed
+    (None: no such prefix); after them, whole blocks of positions quantized channel by channel
+    (`blocks`: packed, scales, biases of the keys transposed to [B, kv heads, D, columns], groups
+    of `group_size` positions along the last axis; None: none yet), and positions from
+    `tail_start` on (counted after the prefix) as computed (`tail`, None: none), overlapping the
+    last blocks when a rollback may still need them.
+
+    `views` says what the queries of one chunk see, (query count, quantized positions seen) in
+    query order: a query sees the blocks completed when it arrived quantized and the later keys
+    as computed, so a chunk attends as its queries would have one at a time. Empty: every
+    query sees every block."""
+
+    dense: mx.array | None
+    blocks: tuple[mx.array, mx.array, mx.array] | None
+    tail: mx.array | None
+    tail_start: int
+    views: tuple[tuple[int, int], ...]
+    group_size: int
+    bits: int
+
+    @property
+    def prefix(self) -> int:
+        return 0 if self.dense is None else self.dense.shape[2]
+
+    @property
+    def blocked(self) -> int:
+        return 0 if self.blocks is None else self.blocks[1].shape[-1] * self.group_size
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        if self.tail is not None:
+            B, heads, n, D = self.tail.shape
+            return B, heads, self.prefix + self.tail_start + n, D
+        B, heads, D, _ = self.blocks[1].shape
+        return B, heads, self.prefix + self.blocked, D
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        """The dtype the keys were computed in (the scales are kept in it)."""
+        return self.tail.dtype if self.tail is not None else self.blocks[1].dtype
+
+    def positions_from(self, first: int) -> QuantizedKeys:
+        """The positions [first, end); blocks are read whole, so `first` must be 0 (quantized
+        caches are full-attention layers, read from their start)."""
+        if first:
+            raise ValueError(f"quantized keys are read from position 0, not {first}")
+        return self
+
+    def dequantized(self, blocked: int | None = None) -> mx.array:
+        """The keys a query that sees `blocked` quantized positions (default: all) attends, as a
+        dense array (for references and tests, not the attention path)."""
+        blocked = self.blocked if blocked is None else blocked
+        parts = [] if self.dense is None else [self.dense]
+        if blocked:
+            keys = mx.dequantize(*self._blocks(blocked), group_size=self.group_size, bits=self.bits)
+            parts.append(keys.swapaxes(-1, -2).astype(self.dtype))
+        if self.tail is not None and blocked < self.tail_start + self.tail.shape[2]:
+            parts.append(self.tail[:, :, blocked - self.tail_start :])
+        return mx.concatenate(parts, axis=2)
+
+    def _blocks(self, blocked: int) -> tuple[mx.array, ...]:
+        """(packed, scales, biases) of the first `blocked` quantized positions."""
+        groups = blocked // self.group_size
+        columns = (blocked * self.bits // 32, groups, groups)
+        return tuple(a[..., :c] for a, c in zip(self.blocks, columns, strict=True))
+
+    def scores(self, queries: mx.array) -> mx.array:
+        """queries [B, kv heads, group, T, D] (float32, scaled; the chunk `views` describes)
+        times the keys each of them attends: [B, kv heads, group, T, positions]. Positions some
+        queries see quantized and others as computed get both products, and each query keeps
+        its own."""
+        T = queries.shape[-2]
+        views = self.views or ((T, self.blocked),)
+        if sum(n for n, _ in views) != T:
+            raise ValueError(f"{T} queries over keys stored for {sum(n for n, _ in views)}")
+        seen = min(b for _, b in views)  # quantized for every query below this position
+        parts = []
+        if self.dense is not None:
+            parts.append(queries @ _grouped(self.dense).swapaxes(-1, -2))
+        if self.blocked:
+            quantized = mx.quantized_matmul(
+                queries,
+                *(_grouped(a) for a in self.blocks),
+                transpose=False,
+                group_size=self.group_size,
+                bits=self.bits,
+            )
+            parts.append(quantized[..., :seen] if seen < self.blocked else quantized)
+        if self.tail is not None and seen < self.tail_start + self.tail.shape[2]:
+            computed = queries @ _grouped(self.tail[:, :, seen - self.tail_start :]).swapaxes(
+                -1, -2
+            )
+            if seen < self.blocked:  # keys that completed a block within the chunk
+                per_query = mx.array([b for n, b in views for _ in range(n)])
+                keys = mx.arange(seen, self.blocked)
+                both = self.blocked - seen
+                parts.append(
+                    mx.where(
+                        keys[None] < per_query[:, None],
+                        quantized[..., seen:],
+                        computed[..., :both],
+                    )
+                )
+                computed = computed[..., both:]
+            parts.append(computed)
+        return mx.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+
+
 def quantize_rows(x: mx.array, group_size: int, bits: int) -> tuple[mx.array, mx.array, mx.array]:
     """Rows [..., D] as MLX affine groups along D: (packed, scales, biases), each row on its own,
     so a position quantizes to the same bits whichever chunk it arrives in."""
     packed, scales, biases = mx.quantize(x, group_size=group_size, bits=bits)
     return packed, scales, biases
+
+
+def quantize_channels(keys: mx.array, group_size: int, bits: int) -> tuple[mx.array, ...]:
+    """Keys [B, heads, n, D] (n a multiple of `group_size`) transposed and quantized along
+    positions: each channel of each block of `group_size` positions gets its own scale and bias."""
+    return tuple(
+        mx.quantize(mx.contiguous(keys.swapaxes(-1, -2)), group_size=group_size, bits=bits)
+    )
 
 
 def _causal(n_queries: int, n_keys: int) -> mx.array:
@@ -78,32 +203,21 @@ def _grouped(a: mx.array) -> mx.array:
 
 def quantized_attention(
     q: mx.array,
-    k: QuantizedKV,
+    k: QuantizedKeys,
     v: QuantizedKV,
     scale: float,
     mask: str | mx.array | None = None,
 ) -> mx.array:
-    """softmax(scale q k^T + mask) v for q [B, heads, T, D] over quantized k, v, rounded to q's
-    dtype.
+    """softmax(scale q k^T + mask) v for q [B, heads, T, D] over quantized k, v (each query
+    seeing the keys as `k.views` says), rounded to q's dtype.
 
     Queries, scores and weights are float32 (the products promote the half-precision scales):
     in bfloat16 the products' rounding left 10x MLX's own attention error over 700 positions.
     """
     B, n_heads, T, D = q.shape
-    n_kv = k.scales.shape[1]
+    n_kv = v.scales.shape[1]
     queries = (q.astype(mx.float32) * scale).reshape(B, n_kv, n_heads // n_kv, T, D)
-    scores = mx.quantized_matmul(
-        queries,
-        *(_grouped(a) for a in (k.packed, k.scales, k.biases)),
-        transpose=True,
-        group_size=k.group_size,
-        bits=k.bits,
-    )
-    prefix = 0
-    if k.dense is not None:
-        prefix = k.dense.shape[2]
-        dense_scores = queries @ _grouped(k.dense).swapaxes(-1, -2)
-        scores = mx.concatenate([dense_scores, scores], axis=-1)
+    scores = k.scores(queries)
     if mask is not None:
         if isinstance(mask, str):
             mask = _causal(T, scores.shape[-1])
@@ -111,7 +225,13 @@ def quantized_attention(
             scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
         else:
             scores = scores + mask
-    weights = mx.softmax(scores, axis=-1, precise=True)
+    out = _weighted_values(mx.softmax(scores, axis=-1, precise=True), v)
+    return out.reshape(B, n_heads, T, D).astype(q.dtype)
+
+
+def _weighted_values(weights: mx.array, v: QuantizedKV) -> mx.array:
+    """weights [B, kv heads, group, T, positions] times the values."""
+    prefix = 0 if v.dense is None else v.dense.shape[2]
     out = mx.quantized_matmul(
         weights[..., prefix:],
         *(_grouped(a) for a in (v.packed, v.scales, v.biases)),
@@ -121,13 +241,14 @@ def quantized_attention(
     )
     if v.dense is not None:
         out = out + weights[..., :prefix] @ _grouped(v.dense)
-    return out.reshape(B, n_heads, T, D).astype(q.dtype)
+    return out
 
 
 def dequantized_attention(
-    q: mx.array, k: QuantizedKV, v: QuantizedKV, scale: float, mask: str | mx.array | None = None
+    q: mx.array, k: QuantizedKeys, v: QuantizedKV, scale: float, mask: str | mx.array | None = None
 ) -> mx.array:
-    """The reference: k and v dequantized, MLX's fused attention in float32, rounded to q's dtype."""
+    """The reference: k and v dequantized (as a query after them sees them), MLX's fused attention
+    in float32, rounded to q's dtype."""
     wide = [a.astype(mx.float32) for a in (q, k.dequantized(), v.dequantized())]
     out = mx.fast.scaled_dot_product_attention(*wide, scale=scale, mask=mask)
     return out.astype(q.dtype)

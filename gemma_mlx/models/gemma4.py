@@ -20,7 +20,13 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from gemma_mlx.cache import KVCache, RotatingKVCache, attention_mask, window_start
+from gemma_mlx.cache import (
+    DEFAULT_MAX_TRIM,
+    KVCache,
+    RotatingKVCache,
+    attention_mask,
+    window_start,
+)
 from gemma_mlx.kernels.attention import attention
 from gemma_mlx.kernels.heads import attention_heads
 from gemma_mlx.kernels.moe import dispatch, dispatch_pays, route
@@ -718,7 +724,7 @@ class Model(nn.Module):
         return self.model.layers
 
     def make_cache(
-        self, max_trim: int = 32, max_kv_size: int | None = None
+        self, max_trim: int = DEFAULT_MAX_TRIM, max_kv_size: int | None = None
     ) -> list[KVCache | RotatingKVCache]:
         """One cache per layer that owns KV; sliding caches keep `max_trim` extra positions.
         `max_kv_size`: full layers too keep only their last N positions (mlx-lm's option; they

@@ -59,7 +59,6 @@ CacheHook = Callable[[int, list[int], list], None]
 ENGINE_OPTIONS = ("draft", "num_draft", "token_generator", "prefill_step_size", "prompt_progress")
 # Options of `stream_generate` for multimodal prompts, which the batched pass does not take.
 MEDIA_OPTIONS = ("images", "audio")
-# Extra positions sliding-window caches keep (the model's default), enough for any draft length.
 
 
 @dataclass

@@ -11,7 +11,7 @@ Attention reads the packed arrays where they lie: the scores are one `mx.quantiz
 queries against the packed keys, the output one of the softmax weights against the packed
 values, so a step makes no dequantized copy of the cache. Dense parts add ordinary products, and
 the softmax runs over every position together, in float32. Queries of one chunk that arrived
-before and after a block was completed see it differently (`QuantizedKeys.views`): those
+before and after a block was completed see it differently (`QuantizedKeys.seen`): those
 positions get both products and each query keeps its own, so a chunk computes what its queries
 would one at a time.
 
@@ -73,16 +73,16 @@ class QuantizedKeys:
     `tail_start` on (counted after the prefix) as computed (`tail`, None: none), overlapping the
     last blocks when a rollback may still need them.
 
-    `views` says what the queries of one chunk see, (query count, quantized positions seen) in
-    query order: a query sees the blocks completed when it arrived quantized and the later keys
-    as computed, so a chunk attends as its queries would have one at a time. Empty: every
+    `seen` says what the queries of one chunk see: for each, in order, how many positions it
+    sees quantized. A query sees the blocks completed when it arrived quantized and the later
+    keys as computed, so a chunk attends as its queries would have one at a time. Empty: every
     query sees every block."""
 
     dense: mx.array | None
     blocks: tuple[mx.array, mx.array, mx.array] | None
     tail: mx.array | None
     tail_start: int
-    views: tuple[tuple[int, int], ...]
+    seen: tuple[int, ...]
     group_size: int
     bits: int
 
@@ -114,34 +114,27 @@ class QuantizedKeys:
             raise ValueError(f"quantized keys are read from position 0, not {first}")
         return self
 
-    def dequantized(self, blocked: int | None = None) -> mx.array:
-        """The keys a query that sees `blocked` quantized positions (default: all) attends, as a
-        dense array (for references and tests, not the attention path)."""
-        blocked = self.blocked if blocked is None else blocked
+    def dequantized(self) -> mx.array:
+        """The keys a query after all of them attends (every block quantized), as a dense array
+        (for references and tests, not the attention path)."""
         parts = [] if self.dense is None else [self.dense]
-        if blocked:
-            keys = mx.dequantize(*self._blocks(blocked), group_size=self.group_size, bits=self.bits)
+        if self.blocks is not None:
+            keys = mx.dequantize(*self.blocks, group_size=self.group_size, bits=self.bits)
             parts.append(keys.swapaxes(-1, -2).astype(self.dtype))
-        if self.tail is not None and blocked < self.tail_start + self.tail.shape[2]:
-            parts.append(self.tail[:, :, blocked - self.tail_start :])
+        if self.tail is not None and self.blocked < self.tail_start + self.tail.shape[2]:
+            parts.append(self.tail[:, :, self.blocked - self.tail_start :])
         return mx.concatenate(parts, axis=2)
 
-    def _blocks(self, blocked: int) -> tuple[mx.array, ...]:
-        """(packed, scales, biases) of the first `blocked` quantized positions."""
-        groups = blocked // self.group_size
-        columns = (blocked * self.bits // 32, groups, groups)
-        return tuple(a[..., :c] for a, c in zip(self.blocks, columns, strict=True))
-
     def scores(self, queries: mx.array) -> mx.array:
-        """queries [B, kv heads, group, T, D] (float32, scaled; the chunk `views` describes)
+        """queries [B, kv heads, group, T, D] (float32, scaled; the chunk `seen` describes)
         times the keys each of them attends: [B, kv heads, group, T, positions]. Positions some
         queries see quantized and others as computed get both products, and each query keeps
         its own."""
         T = queries.shape[-2]
-        views = self.views or ((T, self.blocked),)
-        if sum(n for n, _ in views) != T:
-            raise ValueError(f"{T} queries over keys stored for {sum(n for n, _ in views)}")
-        seen = min(b for _, b in views)  # quantized for every query below this position
+        per_query = self.seen or (self.blocked,) * T
+        if len(per_query) != T:
+            raise ValueError(f"{T} queries over keys stored for {len(per_query)}")
+        seen = min(per_query)  # quantized for every query below this position
         parts = []
         if self.dense is not None:
             parts.append(queries @ _grouped(self.dense).swapaxes(-1, -2))
@@ -159,12 +152,11 @@ class QuantizedKeys:
                 -1, -2
             )
             if seen < self.blocked:  # keys that completed a block within the chunk
-                per_query = mx.array([b for n, b in views for _ in range(n)])
                 keys = mx.arange(seen, self.blocked)
                 both = self.blocked - seen
                 parts.append(
                     mx.where(
-                        keys[None] < per_query[:, None],
+                        keys[None] < mx.array(per_query)[:, None],
                         quantized[..., seen:],
                         computed[..., :both],
                     )
@@ -209,7 +201,7 @@ def quantized_attention(
     mask: str | mx.array | None = None,
 ) -> mx.array:
     """softmax(scale q k^T + mask) v for q [B, heads, T, D] over quantized k, v (each query
-    seeing the keys as `k.views` says), rounded to q's dtype.
+    seeing the keys as `k.seen` says), rounded to q's dtype.
 
     Queries, scores and weights are float32 (the products promote the half-precision scales):
     in bfloat16 the products' rounding left 10x MLX's own attention error over 700 positions.
@@ -225,12 +217,7 @@ def quantized_attention(
             scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
         else:
             scores = scores + mask
-    out = _weighted_values(mx.softmax(scores, axis=-1, precise=True), v)
-    return out.reshape(B, n_heads, T, D).astype(q.dtype)
-
-
-def _weighted_values(weights: mx.array, v: QuantizedKV) -> mx.array:
-    """weights [B, kv heads, group, T, positions] times the values."""
+    weights = mx.softmax(scores, axis=-1, precise=True)
     prefix = 0 if v.dense is None else v.dense.shape[2]
     out = mx.quantized_matmul(
         weights[..., prefix:],
@@ -241,7 +228,7 @@ def _weighted_values(weights: mx.array, v: QuantizedKV) -> mx.array:
     )
     if v.dense is not None:
         out = out + weights[..., :prefix] @ _grouped(v.dense)
-    return out
+    return out.reshape(B, n_heads, T, D).astype(q.dtype)
 
 
 def dequantized_attention(

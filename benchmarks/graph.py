@@ -30,6 +30,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from gemma_mlx.kernels.activations import as_on_gpu
+
 # Primitives that make no kernel of their own on Metal (views, or bookkeeping).
 VIEWS = frozenset(
     {
@@ -229,7 +231,8 @@ def metal_fast_ops() -> Iterator[Counter[str]]:
     fast.rms_norm, fast.rope, fast.scaled_dot_product_attention = rms_norm, rope, sdpa
     mx.dequantize = dequantize
     try:
-        yield made
+        with as_on_gpu():
+            yield made
     finally:
         for name, function in real.items():
             setattr(fast, name, function)

@@ -16,6 +16,10 @@ many new tokens, as many cached keys, the same mask): `RaggedBatch.attention` st
 batch axis, and MLX computes each batch entry of an attention call on its own, so each gets the
 very values of its call alone. Sequences at different lengths attend in separate calls.
 
+Decoding sequences whose caches are slots of a `gemma_mlx.pooled_cache.CachePool` are written
+and attend all at once: one scatter and one attention call per layer whatever their number and
+lengths (`write`, `attention`); their softmax runs over their whole slot, masked.
+
 A `RaggedBatch` is the layout of one pass: which rows belong to which sequence, the position of
 each sequence's first new token, and each sequence's attention masks; `kept()` is the layout of
 the rows whose outputs are wanted (KV-shared layers and the output head need no others).
@@ -31,6 +35,7 @@ import mlx.core as mx
 from gemma_mlx.cache import attention_mask, window_start
 from gemma_mlx.kernels.attention import kernel_covers
 from gemma_mlx.kernels.backend import active_kernels
+from gemma_mlx.pooled_cache import CachePool, PooledKV, Slot, is_pooled
 
 Mask = str | mx.array | None
 # attend(q [B, heads, T, D], k, v [B, kv heads, positions, D], mask) -> [B, heads, T, D]
@@ -74,6 +79,10 @@ class RaggedBatch:
         if not segments:
             raise ValueError("a batched pass needs at least one segment")
         starts = [s.cache[0].offset if s.cache else 0 for s in segments]
+        for s in (s for s in segments if is_pooled(s.cache)):  # its layers write as it is built
+            if s.length != 1:
+                raise ValueError("a pooled sequence feeds one token per pass")
+            s.cache[0].slot.offset += 1
         return cls(list(segments), windows, starts, [0] * len(segments))
 
     def __post_init__(self) -> None:
@@ -91,6 +100,7 @@ class RaggedBatch:
             for t, w in self.windows.items()
         }
         self._reused_stacks: dict[tuple, tuple] = {}  # see `_stacks`
+        self.pooled = PooledRows.of(self)
 
     def query_start(self, i: int) -> int:
         """Position of segment i's first row in this layout."""
@@ -119,6 +129,25 @@ class RaggedBatch:
         ]
         return mx.array(index, dtype=mx.int32)
 
+    def write(self, layer: int, k: mx.array, v: mx.array) -> list:
+        """Write every segment's new keys and values (`k`, `v` [rows, kv heads, 1, D], rows as
+        one-position sequences) into its cache `layer`; returns what each segment's queries
+        attend: its cache's keys and values, or for the pooled sequences
+        (`gemma_mlx.pooled_cache`) their pool's, written for all of them at once."""
+        kvs: list = [None] * len(self.segments)
+        pooled = self.pooled
+        for i, (s, (first, last)) in enumerate(zip(self.segments, self.rows, strict=True)):
+            if pooled is None or i not in pooled.members:
+                kvs[i] = s.cache[layer].update_and_fetch(
+                    k[first:last].transpose(2, 1, 0, 3), v[first:last].transpose(2, 1, 0, 3)
+                )
+        if pooled is not None:
+            rows = pooled.rows
+            entry = pooled.pool.write(layer, pooled.slots, pooled.positions, k[rows], v[rows])
+            for i in pooled.segments:
+                kvs[i] = entry
+        return kvs
+
     def attention(
         self,
         q: mx.array,
@@ -131,14 +160,23 @@ class RaggedBatch:
         as one-position sequences), `kvs[i]` segment i's cached keys and values [1, kv heads,
         positions, D]. Segments whose calls have the same shapes and mask attend in one call,
         stacked on the batch axis; keys or values MLX cannot stack (a quantized cache's), or a
-        call our one-sequence decode kernel would take, stay one call per segment. `reused`:
+        call our one-sequence decode kernel would take, stay one call per segment; the pooled
+        sequences (`kvs[i]` their pool's `PooledKV`) attend in one call. `reused`:
         `kvs` are read by more layers of this pass (KV sharing): their stacks are made once."""
+        pooled = self.pooled
+        if pooled is not None and pooled.everything:
+            entry = kvs[pooled.segments[0]]
+            out = attend(q, entry.keys, entry.values, entry.mask)
+            return out.reshape(self.n_rows, -1)
         masks = self.masks[layer_type]
         kernel = active_kernels() is not None
         groups: dict[tuple, list[int]] = {}
-        for i, ((first, last), (k, v)) in enumerate(zip(self.rows, kvs, strict=True)):
-            if first == last:
+        if pooled is not None:
+            groups[("pooled",)] = list(pooled.segments)
+        for i, ((first, last), kv) in enumerate(zip(self.rows, kvs, strict=True)):
+            if first == last or isinstance(kv, PooledKV):
                 continue
+            k, v = kv
             mask = masks[i]
             alone = (
                 not isinstance(k, mx.array)
@@ -150,8 +188,13 @@ class RaggedBatch:
             groups.setdefault(key, []).append(i)
         outs, order = [], []
         for members in groups.values():
-            k, v = self._stacks(kvs, members, reused)
-            out = attend(self._queries(q, members), k, v, masks[members[0]])
+            entry = kvs[members[0]]
+            if isinstance(entry, PooledKV):
+                k, v, mask = entry.keys, entry.values, entry.mask
+            else:
+                k, v = self._stacks(kvs, members, reused)
+                mask = masks[members[0]]
+            out = attend(self._queries(q, members), k, v, mask)
             G, heads, T, D = out.shape
             outs.append(out.transpose(0, 2, 1, 3).reshape(G * T, heads * D))
             order += members
@@ -185,6 +228,43 @@ class RaggedBatch:
             rows = q[mx.array(index, dtype=mx.int32)]
         _, heads, _, D = q.shape
         return rows.reshape(len(members), T, heads, D).transpose(0, 2, 1, 3)
+
+
+@dataclass(frozen=True)
+class PooledRows:
+    """The pooled sequences of a pass (`gemma_mlx.pooled_cache`, one row each) in slot order:
+    their segments, slots and positions, and their rows (a slice when consecutive)."""
+
+    segments: tuple[int, ...]
+    members: frozenset[int]
+    pool: CachePool
+    slots: list[Slot]
+    positions: list[int]
+    rows: slice | mx.array
+    everything: bool  # every row of the pass, in row order
+
+    @classmethod
+    def of(cls, batch: RaggedBatch) -> PooledRows | None:
+        pooled = [i for i, s in enumerate(batch.segments) if is_pooled(s.cache)]
+        if not pooled:
+            return None
+        slots = [batch.segments[i].cache[0].slot for i in pooled]
+        order = sorted(range(len(pooled)), key=lambda n: slots[n].index)
+        segments = tuple(pooled[n] for n in order)
+        rows = [batch.rows[i][0] for i in segments]
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            where: slice | mx.array = slice(rows[0], rows[0] + len(rows))
+        else:
+            where = mx.array(rows, dtype=mx.int32)
+        return cls(
+            segments,
+            frozenset(segments),
+            batch.segments[segments[0]].cache[0].pool,
+            [slots[n] for n in order],
+            [batch.starts[i] for i in segments],
+            where,
+            isinstance(where, slice) and where == slice(0, batch.n_rows),
+        )
 
 
 def _stacked(arrays: list[mx.array]) -> mx.array:

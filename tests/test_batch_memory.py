@@ -1,9 +1,11 @@
 """The memory budget: many long requests queue instead of exhausting memory.
 
-16 requests of 160-200-token prompts against a budget that holds three of them: at most three run
-at once, every one finishes with its full output (equal to its output alone), and MLX's peak
-memory stays within the budget above what was allocated before (the weights). A request that
-could not fit even alone is refused when it is submitted.
+16 requests of 160-200-token prompts against a budget that holds three of them with caches of
+their own: at least three run at once, more once decoding sequences share the batch's cache pool
+(it holds a sliding-window layer's window, not the chunk-sized headroom of a cache of its own),
+never all of them; every one finishes with its full output (equal to its output alone), and
+MLX's peak memory stays within the budget above what was allocated before (the weights). A
+request that could not fit even alone is refused when it is submitted.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def test_sixteen_long_requests_queue_within_the_budget(setup):
             reasons[uid] = response.finish_reason
         most = max(most, len(scheduler.active))
     peak = mx.get_peak_memory() - baseline
-    assert most == 3
+    assert 3 <= most < len(prompts)
     assert all(reasons[u] in ("length", "stop") for u in uids)
     assert peak <= budget, f"peak {peak / 2**20:.2f} MiB over the budget {budget / 2**20:.2f} MiB"
     for uid, prompt in list(zip(uids, prompts, strict=True))[:2]:

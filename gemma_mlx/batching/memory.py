@@ -52,8 +52,7 @@ def sequence_kv_bytes(
     per_value = _itemsize(model)
     positions = total_tokens + max_trim
     total = 0
-    for layer in getattr(model, "kv_layers", range(args.first_kv_shared_layer)):
-        values = 2 * args.n_kv_heads(layer) * args.layer_head_dim(layer)  # per position
+    for layer, values in _cached_layers(model):
         if args.is_sliding(layer):
             step = RotatingKVCache.step
             kept = min(positions, args.sliding_window - 1 + max_trim)
@@ -71,6 +70,27 @@ def sequence_kv_bytes(
             unsettled = min(quantized, max_trim + quantization.group_size + chunk)
             total += values // 2 * per_value * unsettled
     return total
+
+
+def pooled_kv_bytes(model: Any, slots: int, positions: int, max_trim: int) -> int:
+    """The bytes of a `gemma_mlx.pooled_cache.CachePool` of `slots` sequences, the longest
+    reaching `positions`: every slot as long as the longest in full-attention layers, a ring of
+    window + `max_trim` positions in sliding-window layers."""
+    args = model.args
+    total = 0
+    for layer, values in _cached_layers(model):
+        if args.is_sliding(layer):
+            total += values * (args.sliding_window + max_trim)
+        else:
+            total += values * _round_up(positions, KVCache.step)
+    return slots * _itemsize(model) * total
+
+
+def _cached_layers(model: Any) -> list[tuple[int, int]]:
+    """(layer, values cached per position) of every layer that holds a cache."""
+    args = model.args
+    layers = getattr(model, "kv_layers", range(args.first_kv_shared_layer))
+    return [(i, 2 * args.n_kv_heads(i) * args.layer_head_dim(i)) for i in layers]
 
 
 def pass_activation_bytes(model: Any, rows: int, kept_rows: int, keys: int) -> int:

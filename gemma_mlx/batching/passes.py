@@ -43,6 +43,7 @@ class Pass:
 
     decode_feeds: list[Feed]
     prefill_feeds: list[Feed]
+    written: list  # the cache arrays its prefill chunks write
     choices: list[Choice]
     hidden: mx.array
     rows: int

@@ -15,6 +15,9 @@ the request's id. Within a step:
   (`gemma_mlx.batching.speculation`); greedy rows are chosen together.
 - A sequence that finished (end of turn, stop string, length) or was cancelled leaves before the
   next step, and its memory goes back to the budget.
+- Once prefilled, a sequence that decodes without drafts moves its caches into the batch's
+  `CachePool` (`gemma_mlx.pooled_cache`) while the budget holds the pool: one cache write and one
+  attention call per layer for all of them; it leaves with caches of its own again.
 
 One host synchronization per step: the chosen tokens of every sequence come back in one array;
 without drafts the next pass is queued before it (see `step`).
@@ -25,14 +28,19 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from gemma_mlx.batching.memory import default_budget, pass_activation_bytes, sequence_kv_bytes
+from gemma_mlx.batching.memory import (
+    default_budget,
+    pass_activation_bytes,
+    pooled_kv_bytes,
+    sequence_kv_bytes,
+)
 from gemma_mlx.batching.passes import Feed, Pass, choose, commit
 from gemma_mlx.batching.sequence import BatchSequence
 from gemma_mlx.batching.speculation import SequenceDraft, draft_planner
@@ -49,6 +57,7 @@ from gemma_mlx.generate import GenerationResponse, check_generation_options, pre
 from gemma_mlx.generate import _check_length as clipped_to_context  # stream_generate's own rule
 from gemma_mlx.media.prompt import PreparedPrompt
 from gemma_mlx.options import check_callable, check_int
+from gemma_mlx.pooled_cache import CachePool, is_pooled
 from gemma_mlx.prompt_cache import PromptCache
 from gemma_mlx.sample import FilteredSampler, greedy, make_logits_processors, make_sampler
 from gemma_mlx.speculative import Drafter, check_trimmable
@@ -128,6 +137,7 @@ class BatchScheduler:
         self._uids = itertools.count()
         self._by_uid: dict[int, BatchSequence] = {}
         self.counters = BatchCounters()
+        self.pool = CachePool()
         self._inflight: Pass | None = None  # queued, its tokens not read yet
         self._last_read = 0.0  # when a pass's tokens were last read
 
@@ -216,13 +226,21 @@ class BatchScheduler:
         if sequence is not None:
             sequence.cancelled = True
 
-    def memory_needed(self, sequences: list[BatchSequence]) -> int:
+    def memory_needed(
+        self, sequences: list[BatchSequence], joining: Sequence[BatchSequence] = ()
+    ) -> int:
         """The most bytes `sequences` can take running together: their caches at their final
-        capacity and one pass over all of them (a prefill chunk, every decode and draft row)."""
+        capacity (the pooled ones, and `joining`, as the pool holds them) and one pass over all
+        of them (a prefill chunk, every decode and draft row)."""
         rows = len(sequences) * (1 + (self.planner.max_draft if self.planner else 0))
         longest = max(len(s.prompt) + s.max_tokens for s in sequences) + self.max_trim
         activations = pass_activation_bytes(self.model, self.chunk + rows, rows, longest)
-        return sum(s.kv_bytes for s in sequences) + activations
+        pooled = [s for s in sequences if _pooled(s) or any(s is j for j in joining)]
+        own = sum(s.kv_bytes for s in sequences if s not in pooled)
+        if pooled:
+            positions = max(len(s.prompt) + s.max_tokens for s in pooled) + 1
+            own += pooled_kv_bytes(self.model, len(pooled), positions, self.max_trim)
+        return own + activations
 
     @property
     def has_work(self) -> bool:
@@ -273,6 +291,7 @@ class BatchScheduler:
         read before the next is built."""
         self._retire()
         self._admit()
+        self._pool()
         out = []
         if self._inflight is not None and not self._pipelined:
             out += self._finish(self._inflight)
@@ -295,6 +314,7 @@ class BatchScheduler:
     def _launch(self) -> Pass | None:
         """Build the next pass over every running sequence and queue it (no host sync)."""
         decoding = [s for s in self.active if not s.prefilling and s.unscheduled > 0]
+        decoding.sort(key=_slot_order)  # pooled rows first, in slot order: one write for all
         decode_feeds = self._decode_feeds(decoding)
         prefill_feeds = self._prefill_feeds()
         feeds = decode_feeds + prefill_feeds  # kept rows (decoding ones) first, in this order
@@ -310,10 +330,9 @@ class BatchScheduler:
                 self.on_prefilled(f.sequence.uid, f.sequence.prompt[:-1], f.sequence.cache)
         for choice in choices:
             choice.feed.sequence.scheduled(choice.result if choice.feed.proposal is None else None)
-        mx.async_eval(
-            [c.result for c in choices], [c.state for f in prefill_feeds for c in f.sequence.cache]
-        )
-        return Pass(decode_feeds, prefill_feeds, choices, hidden, inputs.shape[0], start)
+        written = [c.state for f in prefill_feeds for c in f.sequence.cache]
+        mx.async_eval([c.result for c in choices], written)
+        return Pass(decode_feeds, prefill_feeds, written, choices, hidden, inputs.shape[0], start)
 
     def _finish(self, done: Pass) -> list[tuple[int, GenerationResponse]]:
         """Read a pass's tokens (the one host sync of a step) and hand them out."""
@@ -321,7 +340,7 @@ class BatchScheduler:
         if results:
             values = mx.concatenate(results).tolist()
         else:
-            mx.eval([c.state for f in done.prefill_feeds for c in f.sequence.cache])
+            mx.eval(done.written)
             values = []
         out = []
         for choice in done.choices:
@@ -396,13 +415,45 @@ class BatchScheduler:
             else:
                 self.active.append(head)
 
+    def _pool(self) -> None:
+        """Move prefilled sequences that decode without drafts into the pool, while the budget
+        holds it."""
+        joining: list[BatchSequence] = []
+        for s in self.active:
+            if (
+                s.draft is None
+                and not s.prefilling
+                and not _pooled(s)
+                and self.pool.accepts(s.cache)
+                and self.memory_needed(self.active, joining=[*joining, s]) <= self.kv_budget
+            ):
+                joining.append(s)
+        if joining:
+            pooled = self.pool.join([s.cache for s in joining])
+            for s, cache in zip(joining, pooled, strict=True):
+                s.cache = cache
+
     def _retire(self) -> None:
-        for s in [s for s in self.active if s.finished]:
+        done = [s for s in self.active if s.finished]
+        leaving = [s.cache for s in done if _pooled(s)]
+        for s in done:
             self.active.remove(s)
+            if _pooled(s):  # caches of its own only for the hook that keeps them
+                s.cache = self.pool.own_caches(s.cache) if self.on_retired is not None else []
             self._forget(s)
+        if leaving:
+            self.pool.remove(leaving)
 
     def _forget(self, sequence: BatchSequence) -> None:
         if self.on_retired is not None:
             self.on_retired(sequence.uid, list(sequence.tokens), sequence.cache)
         sequence.close()
         self._by_uid.pop(sequence.uid, None)
+
+
+def _pooled(sequence: BatchSequence) -> bool:
+    return is_pooled(sequence.cache)
+
+
+def _slot_order(sequence: BatchSequence) -> tuple[int, int]:
+    return (0, sequence.cache[0].slot.index) if _pooled(sequence) else (1, 0)

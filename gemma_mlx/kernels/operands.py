@@ -15,6 +15,8 @@ from functools import cache
 import mlx.core as mx
 import mlx.nn as nn
 
+from .activations import rms_norm, rope
+
 LINEAR_LAYERS = (nn.Linear, nn.QuantizedLinear)
 # Affine widths whose codes fill whole 32-bit words lane by lane (16 values per lane).
 KERNEL_BITS = (2, 4, 8)
@@ -33,11 +35,11 @@ class Norm:
 
     def __call__(self, x: mx.array) -> mx.array:
         if self.weight is None:
-            return mx.fast.rms_norm(x, None, self.eps)
+            return rms_norm(x, None, self.eps)
         w = self.weight + self.offset if self.offset else self.weight
         if self.scale != 1.0:
             w = w * self.scale
-        return mx.fast.rms_norm(x, w, self.eps)
+        return rms_norm(x, w, self.eps)
 
     @classmethod
     def of(cls, module) -> Norm:
@@ -158,15 +160,7 @@ class Rotary:
     freqs: mx.array | None = None
 
     def __call__(self, x: mx.array, offset: int | mx.array) -> mx.array:
-        return mx.fast.rope(
-            x,
-            self.dims,
-            traditional=False,
-            base=self.base,
-            scale=self.scale,
-            offset=offset,
-            freqs=self.freqs,
-        )
+        return rope(x, self.dims, self.base, self.scale, offset, self.freqs)
 
     @classmethod
     def of(cls, module) -> Rotary:

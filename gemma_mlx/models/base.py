@@ -9,7 +9,12 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from gemma_mlx.errors import ConfigError
-from gemma_mlx.kernels.activations import geglu, softcap  # noqa: F401  (the models' names)
+from gemma_mlx.kernels.activations import (  # noqa: F401  (the models' names)
+    geglu,
+    rms_norm,
+    rope,
+    softcap,
+)
 
 _MISSING = object()
 
@@ -79,16 +84,8 @@ class RoPE(nn.Module):
             pad = mx.full((head_dim // 2 - rotated,), math.inf, mx.float32)
             self.base, self._freqs = None, mx.concatenate([wavelengths, pad])
 
-    def __call__(self, x: mx.array, offset: int) -> mx.array:
-        return mx.fast.rope(
-            x,
-            self.head_dim,
-            traditional=False,
-            base=self.base,
-            scale=self.scale,
-            offset=offset,
-            freqs=self._freqs,
-        )
+    def __call__(self, x: mx.array, offset: int | mx.array) -> mx.array:
+        return rope(x, self.head_dim, self.base, self.scale, offset, self._freqs)
 
 
 def make_rope(params: dict[str, Any], head_dim: int, where: str) -> RoPE:
@@ -118,6 +115,6 @@ class RMSNorm(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         if "weight" not in self:
-            return mx.fast.rms_norm(x, None, self.eps)
+            return rms_norm(x, None, self.eps)
         w = self.weight + self.offset if self.offset else self.weight
-        return mx.fast.rms_norm(x, w, self.eps)
+        return rms_norm(x, w, self.eps)

@@ -326,20 +326,15 @@ class Attention(nn.Module):
         """Attention of a ragged batch (`gemma_mlx.ragged`): projections and RoPE over every row
         at once (each row at its own position), then each sequence's rows against its own cache
         (`layer` of its caches) or its entry of `shared`: the call it makes alone, stacked with
-        the calls of the same shapes (`RaggedBatch.attention`)."""
+        the calls of the same shapes, or one call for all the pooled sequences
+        (`RaggedBatch.write`, `RaggedBatch.attention`)."""
         # Rows as a batch of one-position sequences, [N, heads, 1, head_dim], so that one RoPE
         # call puts each row at its own position; a sequence's rows are a view of it.
         q = self.rope(self._queries(x)[0][:, :, None], batch.positions)
         if shared is None:
             k, v = self._keys_values(x)
             k = self.rope(k[0][:, :, None], batch.positions)
-            v = v[0][:, :, None]
-            kvs = [
-                s.cache[layer].update_and_fetch(
-                    k[first:last].transpose(2, 1, 0, 3), v[first:last].transpose(2, 1, 0, 3)
-                )
-                for s, (first, last) in zip(batch.segments, batch.rows, strict=True)
-            ]
+            kvs = batch.write(layer, k, v[0][:, :, None])
         else:
             kvs = shared
 

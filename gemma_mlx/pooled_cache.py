@@ -11,7 +11,8 @@ scatter and attends with one call, each slot's keys masked to the positions its 
 - Full-attention layers keep position p at index p; the capacity grows in steps of
   `KVCache.step` for every slot (the longest sequence sets it, as left padding would).
 - Sliding-window layers keep a ring: position p at index p mod (window + max_trim_kept), the
-  positions a `RotatingKVCache` would hold; their mask follows from each slot's position.
+  positions a `RotatingKVCache` would hold; their mask follows from each slot's position. The
+  ring grows as the full layers do until it is whole (short sequences take no whole window).
 
 Sequences join once their prompt is in their own caches (`join`, a copy) and leave (`remove`,
 several at once); `own_caches` gives a pooled sequence caches of its own again, equal to what
@@ -107,11 +108,17 @@ class _Layer:
         back = (q - j) % self.ring  # how far before q the position held at j is
         return back <= np.minimum(q, self.window - 1)
 
+    def room_for(self, needed: int) -> int:
+        """The capacity that holds `needed` positions: steps of `KVCache.step`, at most the ring
+        (a ring only wraps once it is whole, so below that every position is at its own index)."""
+        capacity = _round_up(needed)
+        return capacity if self.ring is None else min(capacity, self.ring)
+
     def grow_to(self, needed: int) -> None:
-        """Room for `needed` positions in every slot (full-attention layers)."""
-        if self.keys is None or self.ring is not None or needed <= self.capacity:
+        """Room for `needed` positions in every slot."""
+        if self.keys is None or self.room_for(needed) <= self.capacity:
             return
-        extra = _round_up(needed) - self.capacity
+        extra = self.room_for(needed) - self.capacity
         S, heads, _, D = self.keys.shape
         pad = mx.zeros((S, heads, extra, D), self.keys.dtype)
         self.keys = mx.concatenate([self.keys, pad], axis=2)
@@ -150,7 +157,7 @@ class CachePool:
         longest = max(s.offset for s in slots) + 1
         for i, layer in enumerate(self.layers):
             layer.grow_to(longest)
-            capacity = layer.ring or layer.capacity or _round_up(longest)
+            capacity = layer.capacity or layer.room_for(longest)
             parts = [] if layer.keys is None else [(layer.keys, layer.values)]
             for slot, cache in zip(slots, caches, strict=True):
                 keys, values = cache[i].state

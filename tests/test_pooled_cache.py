@@ -141,3 +141,32 @@ def test_accepts_plain_caches_holding_positions_only():
     quantized = prefilled(model, list(range(5, 50)))
     quantize_caches(quantized, kv_quantization(8, 32, 0))
     assert not CachePool.accepts(quantized)
+
+
+@pytest.mark.parametrize("variant", ["31b", "e2b"])
+def test_a_ring_longer_than_a_step_grows_then_wraps(variant):
+    """A 300-token window: the ring (332 positions) starts at 256 positions, grows whole when a
+    slot passes 256, then wraps; a sequence joins past it; all decode as alone."""
+    model = random_target(variant, window=300)
+    ids = prompts([250, 10, 330], seed=3)
+    solo = [prefilled(model, p) for p in ids]
+    pool = CachePool()
+    caches = pool.join([prefilled(model, p) for p in ids[:2]])
+
+    def rings() -> list[int]:
+        return [layer.capacity for layer in pool.layers if layer.ring is not None]
+
+    assert rings() and set(rings()) == {256}
+    last = [p[-1] for p in ids]
+    for step in range(90):  # the first sequence passes 256, then 332
+        if step == 10:
+            assert set(rings()) == {332}
+            caches += pool.join([prefilled(model, ids[2])])
+        active = range(len(caches))
+        expected = mx.concatenate([model(mx.array([[last[i]]]), solo[i])[0] for i in active])
+        got = model.batched(
+            mx.array([last[i] for i in active]), [Segment(caches[i], 1, 1) for i in active]
+        )
+        assert_rows_match(got, expected, "float32")
+        for n, i in enumerate(active):
+            last[i] = mx.argmax(expected[n]).item()

@@ -43,12 +43,11 @@ class Slot:
 
 
 class SlotCache:
-    """The layer-`layer` cache of a pooled sequence, as its `cache` list shows it (its offset;
-    what the batched pass needs to find the pool)."""
+    """A pooled sequence's cache of one layer, as its `cache` list shows it: its offset, and
+    what the batched pass needs to find the pool (every layer's entry is alike)."""
 
-    def __init__(self, pool: CachePool, layer: int, slot: Slot) -> None:
+    def __init__(self, pool: CachePool, slot: Slot) -> None:
         self.pool = pool
-        self.layer = layer
         self.slot = slot
 
     @property
@@ -171,7 +170,7 @@ class CachePool:
             layer.values = mx.concatenate([v for _, v in parts])
             mx.async_eval(layer.keys, layer.values)  # one layer's old and new buffers at a time
         self.slots += slots
-        return [[SlotCache(self, i, slot) for i in range(len(self.layers))] for slot in slots]
+        return [[SlotCache(self, slot) for _ in self.layers] for slot in slots]
 
     def own_caches(self, pooled: list[SlotCache]) -> list:
         """Caches of its own holding what a pooled sequence holds (a copy), as it would hold

@@ -36,7 +36,9 @@ from gemma_mlx.options import check_int
 DEFAULT_MAX_TRIM = 32
 
 
-def _grow(buffer: mx.array | None, used: int, needed: int, like: mx.array, step: int) -> mx.array:
+def grow_buffer(
+    buffer: mx.array | None, used: int, needed: int, like: mx.array, step: int
+) -> mx.array:
     """Return a buffer holding `buffer[..., :used, :]` with room for at least `needed` positions."""
     capacity = ((needed + step - 1) // step) * step
     B, n_kv, _, D = like.shape
@@ -59,8 +61,8 @@ class KVCache:
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         start, end = self.offset, self.offset + keys.shape[2]
         if self.keys is None or end > self.keys.shape[2]:
-            self.keys = _grow(self.keys, start, end, keys, self.step)
-            self.values = _grow(self.values, start, end, values, self.step)
+            self.keys = grow_buffer(self.keys, start, end, keys, self.step)
+            self.values = grow_buffer(self.values, start, end, values, self.step)
         self.keys[..., start:end, :] = keys
         self.values[..., start:end, :] = values
         self.offset = end
@@ -149,8 +151,8 @@ class RotatingKVCache:
         else:
             needed = kept + max(n_new, self.step)
             old_k, old_v = self.keys, self.values
-            self.keys = _grow(None, 0, needed, new, self.step)
-            self.values = _grow(None, 0, needed, new, self.step)
+            self.keys = grow_buffer(None, 0, needed, new, self.step)
+            self.values = grow_buffer(None, 0, needed, new, self.step)
             if kept:
                 self.keys[..., :kept, :] = old_k[..., src : self.filled, :]
                 self.values[..., :kept, :] = old_v[..., src : self.filled, :]
@@ -338,7 +340,7 @@ class QuantizedKVCache:
         new_v = quantize_rows(values, q.group_size, q.bits)
         if self.values is None or new > self.values[0].shape[2]:
             self.values = tuple(
-                _grow(b, old, new, x, self.step)
+                grow_buffer(b, old, new, x, self.step)
                 for b, x in zip(self.values or (None,) * 3, new_v, strict=True)
             )
         for buffer, x in zip(self.values, new_v, strict=True):

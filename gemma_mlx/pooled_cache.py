@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from gemma_mlx.cache import KVCache, RotatingKVCache
+from gemma_mlx.cache import KVCache, RotatingKVCache, grow_buffer
 
 
 @dataclass
@@ -53,16 +53,6 @@ class SlotCache:
     @property
     def offset(self) -> int:
         return self.slot.offset
-
-    @property
-    def max_trim(self) -> int:
-        return 0  # a pooled sequence never rolls back (no drafts)
-
-    def trim(self, n: int) -> int:
-        return 0
-
-    def is_trimmable(self) -> bool:
-        return False
 
 
 def is_pooled(cache: list) -> bool:
@@ -202,7 +192,8 @@ class CachePool:
         `positions`) at layer `layer`; returns what their queries attend. `slots` are in slot
         order; when they are every slot, one scatter writes them all."""
         L = self.layers[layer]
-        L.grow_to(max(positions) + 1)
+        end = max(positions) + 1
+        L.grow_to(end)
         if len(slots) == len(self.slots):
             index = mx.array([L.index(p) for p in positions], dtype=mx.int32).reshape(-1, 1, 1, 1)
             L.keys = mx.put_along_axis(L.keys, index, keys, axis=2)
@@ -215,7 +206,6 @@ class CachePool:
                 L.values[s.index : s.index + 1, :, j : j + 1] = values[n : n + 1]
             rows = mx.array([s.index for s in slots], dtype=mx.int32)
             k, v = L.keys[rows], L.values[rows]
-        end = max(positions) + 1
         if end < L.capacity:  # indices past the newest position hold nothing yet
             k, v = k[:, :, :end], v[:, :, :end]
         key = (L.ring, L.window, k.shape[2], tuple(positions))
@@ -261,13 +251,10 @@ def _own_cache(layer: _Layer, slot: Slot) -> KVCache | RotatingKVCache:
     keys = layer.keys[slot.index : slot.index + 1]
     values = layer.values[slot.index : slot.index + 1]
     offset = slot.offset
-    if layer.ring is None:
+    if layer.ring is None:  # a copy in buffers of its own, grown in the cache's steps
         cache = KVCache()
-        capacity = _round_up(offset)
-        cache.keys = mx.zeros((1, keys.shape[1], capacity, keys.shape[3]), keys.dtype)
-        cache.values = mx.zeros_like(cache.keys)
-        cache.keys[:, :, :offset] = keys[:, :, :offset]
-        cache.values[:, :, :offset] = values[:, :, :offset]
+        cache.keys = grow_buffer(keys, offset, offset, keys, KVCache.step)
+        cache.values = grow_buffer(values, offset, offset, values, KVCache.step)
         cache.offset = offset
         return cache
     cache = RotatingKVCache(layer.window, layer.ring - layer.window)

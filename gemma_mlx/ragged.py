@@ -137,7 +137,7 @@ class RaggedBatch:
         kvs: list = [None] * len(self.segments)
         pooled = self.pooled
         for i, (s, (first, last)) in enumerate(zip(self.segments, self.rows, strict=True)):
-            if pooled is None or i not in pooled.members:
+            if not is_pooled(s.cache):
                 kvs[i] = s.cache[layer].update_and_fetch(
                     k[first:last].transpose(2, 1, 0, 3), v[first:last].transpose(2, 1, 0, 3)
                 )
@@ -236,7 +236,6 @@ class PooledRows:
     their segments, slots and positions, and their rows (a slice when consecutive)."""
 
     segments: tuple[int, ...]
-    members: frozenset[int]
     pool: CachePool
     slots: list[Slot]
     positions: list[int]
@@ -258,7 +257,6 @@ class PooledRows:
             where = mx.array(rows, dtype=mx.int32)
         return cls(
             segments,
-            frozenset(segments),
             batch.segments[segments[0]].cache[0].pool,
             [slots[n] for n in order],
             [batch.starts[i] for i in segments],

@@ -341,7 +341,10 @@ def _staging(
         try:
             yield staging
         finally:
-            _remove(staging)
+            # A signal sent to the process may land on another thread and reach this one a few
+            # statements late: it must not stop the removal halfway.
+            with _signals_blocked():
+                _remove(staging)
 
 
 def _commit_directory(staging: Path, target: Path, force: bool, sources: Sequence[Path]) -> None:

@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -93,3 +98,36 @@ def test_mlx_products_reach_the_router():
             counts, out = product_counts(lambda r=rows: np.array(x_mx[:r] @ w_mx.T))
         assert counts == want, f"{routing=} {rows=}"
         np.testing.assert_allclose(out, x[:rows].astype(np.float64) @ w.T, rtol=1e-5, atol=1e-5)
+
+
+def _cpu_seconds_idle_after_threaded_product(seconds: float = 0.06) -> float:
+    """CPU time this process burns while idle for `seconds` just after a product big enough
+    for OpenBLAS to thread it: ~`seconds` when its idle threads spin, ~0 when they sleep."""
+    x = mx.random.normal((512, 512))
+    mx.eval(x @ x)
+    start = time.process_time()
+    time.sleep(seconds)
+    return time.process_time() - start
+
+
+@pytest.mark.skipif(os.cpu_count() == 1, reason="OpenBLAS runs no threads of its own on 1 core")
+def test_openblas_threads_sleep_between_products():
+    """gemma_mlx loads OpenBLAS with a short thread timeout: after a product its threads sleep
+    instead of spinning for the next one (~0.1 s by default), which would take a core from
+    MLX's own threads. The same product in a process where the caller asked for OpenBLAS's
+    default (OPENBLAS_THREAD_TIMEOUT=28) spins, which shows the check can fail."""
+    assert (
+        _platform.THREAD_TIMEOUT_ENV not in os.environ
+        or os.environ[_platform.THREAD_TIMEOUT_ENV] != _platform.THREAD_TIMEOUT
+    ), "the environment is left as the caller set it"
+    assert min(_cpu_seconds_idle_after_threaded_product() for _ in range(3)) < 0.02
+    code = (
+        "import gemma_mlx, tests.test_blas_route as t; "
+        "print(min(t._cpu_seconds_idle_after_threaded_product() for _ in range(3)))"
+    )
+    env = dict(os.environ, OPENBLAS_THREAD_TIMEOUT="28")
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+        cwd=Path(__file__).parent.parent,
+    )  # fmt: skip
+    assert float(out.stdout.split()[-1]) > 0.03

@@ -1,5 +1,7 @@
 """RMSNorm and RoPE compiled on the CPU (`gemma_mlx.kernels.activations`): bit for bit MLX's
-`mx.fast` operations, in the three dtypes, at the shapes the models use, with fewer operations."""
+`mx.fast` operations, in the three dtypes, at the shapes the models use, with fewer operations.
+GeGLU (its cube as products, not `x ** 3`): as close to the exact tanh-approximate GELU as
+`nn.gelu_approx` is."""
 
 from __future__ import annotations
 
@@ -7,9 +9,11 @@ import io
 import re
 
 import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
 import pytest
 
-from gemma_mlx.kernels.activations import rms_norm, rope
+from gemma_mlx.kernels.activations import geglu, rms_norm, rope
 
 DTYPES = [mx.float32, mx.bfloat16, mx.float16]
 
@@ -63,3 +67,24 @@ def test_rope_at_one_offset_is_not_compiled_per_position():
     fast = mx.fast.rope(x, 64, traditional=False, base=1e4, scale=1.0, offset=7)
     got = rope(x, 64, 1e4, 1.0, 7, None)
     assert mx.array_equal(got, fast).item() and operations(got) == operations(fast)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_geglu_is_as_close_to_exact_as_gelu_approx(dtype):
+    """At an MLP's shape and range, geglu's largest error against the tanh-approximate GELU in
+    float64 is within one rounding of `nn.gelu_approx(gate) * up`'s own."""
+    gate = (4 * mx.random.normal((16, 6144), key=mx.random.key(3))).astype(dtype)
+    up = mx.random.normal((16, 6144), key=mx.random.key(4)).astype(dtype)
+    g, u = (np.array(a.astype(mx.float32), dtype=np.float64) for a in (gate, up))
+    exact = 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3))) * u
+    got = geglu(gate, up)
+    assert got.dtype == dtype
+    ours = np.abs(np.array(got.astype(mx.float32), dtype=np.float64) - exact)
+    mlx = np.abs(np.array((nn.gelu_approx(gate) * up).astype(mx.float32), dtype=np.float64) - exact)
+    ulp = (
+        float(np.finfo(np.float32).eps)
+        if dtype == mx.float32
+        else {mx.bfloat16: 2**-7, mx.float16: 2**-10}[dtype]
+    )
+    scale = np.maximum(np.abs(exact), 1.0)
+    assert (ours / scale).max() <= (mlx / scale).max() + ulp

@@ -15,14 +15,19 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
+from math import pi, sqrt
 
 import mlx.core as mx
-import mlx.nn as nn
+
+_GELU_SCALE = sqrt(2 / pi)
 
 
 @partial(mx.compile, shapeless=True)
 def geglu(gate: mx.array, up: mx.array) -> mx.array:
-    return nn.gelu_approx(gate) * up
+    """`nn.gelu_approx(gate) * up` with the cube as two products: MLX's CPU backend computes
+    `x ** 3` with a scalar powf per element, which made the whole chain 2.7x slower."""
+    cube = gate * gate * gate
+    return 0.5 * gate * (1 + mx.tanh(_GELU_SCALE * (gate + 0.044715 * cube))) * up
 
 
 @partial(mx.compile, shapeless=True)

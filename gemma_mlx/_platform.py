@@ -81,13 +81,14 @@ def _short_thread_timeout() -> Iterator[None]:
     tiny E2B-like model went up ~1.5x at batch 1 and ~1.15x at batch 16). OpenBLAS reads the
     variable as it loads (`import scipy_openblas32` loads it); a setting of the caller's is
     kept, and the environment is left as it was."""
-    previous = os.environ.get(THREAD_TIMEOUT_ENV)
-    os.environ[THREAD_TIMEOUT_ENV] = previous or THREAD_TIMEOUT
+    if THREAD_TIMEOUT_ENV in os.environ:
+        yield
+        return
+    os.environ[THREAD_TIMEOUT_ENV] = THREAD_TIMEOUT
     try:
         yield
     finally:
-        if previous is None:
-            del os.environ[THREAD_TIMEOUT_ENV]
+        del os.environ[THREAD_TIMEOUT_ENV]
 
 
 def preload_blas() -> str:

@@ -17,14 +17,14 @@ scatter and attends with one call, each slot's keys masked to the positions its 
 Sequences join once their prompt is in their own caches (`join`, a copy) and leave (`remove`,
 several at once); `own_caches` gives a pooled sequence caches of its own again, equal to what
 they would hold had it never been pooled, so a prefix cache or a chat session takes them as they
-are. A pooled sequence feeds one token per step: no
-prefill chunk, no drafts, so no rollback. Softmax and the weighted sum then run over the whole
+are. A pooled sequence feeds one token per step: no prefill chunk, no drafts, so no rollback. Softmax and the weighted sum then run over the whole
 row of a slot (masked positions weigh zero): equal to attention alone up to float rounding, as the
 weight products of a batch are.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -120,7 +120,7 @@ class CachePool:
     def __init__(self) -> None:
         self.layers: list[_Layer] = []
         self.slots: list[Slot] = []
-        self._masks: dict[tuple, mx.array] = {}
+        self._memos: dict[tuple, mx.array] = {}
 
     @staticmethod
     def accepts(cache: list) -> bool:
@@ -195,7 +195,7 @@ class CachePool:
         end = max(positions) + 1
         L.grow_to(end)
         if len(slots) == len(self.slots):
-            index = mx.array([L.index(p) for p in positions], dtype=mx.int32).reshape(-1, 1, 1, 1)
+            index = self._memo(("index", L.ring, tuple(positions)), lambda: _indices(L, positions))
             L.keys = mx.put_along_axis(L.keys, index, keys, axis=2)
             L.values = mx.put_along_axis(L.values, index, values, axis=2)
             k, v = L.keys, L.values
@@ -208,12 +208,25 @@ class CachePool:
             k, v = L.keys[rows], L.values[rows]
         if end < L.capacity:  # indices past the newest position hold nothing yet
             k, v = k[:, :, :end], v[:, :, :end]
-        key = (L.ring, L.window, k.shape[2], tuple(positions))
-        if key not in self._masks:  # layers of one kind share it within a pass
-            if len(self._masks) > 8:
-                self._masks.clear()
-            self._masks[key] = mx.array(L.visible(positions)[:, : k.shape[2]])[:, None, None, :]
-        return PooledKV(k, v, self._masks[key])
+        key = ("mask", L.ring, L.window, k.shape[2], tuple(positions))
+        mask = self._memo(
+            key, lambda: mx.array(L.visible(positions)[:, : k.shape[2]])[:, None, None, :]
+        )
+        return PooledKV(k, v, mask)
+
+    def _memo(self, key: tuple, make: Callable[[], mx.array]) -> mx.array:
+        """An array of this pass that layers of one kind share (a pass's keys hold its
+        positions; a few passes' worth are kept)."""
+        if key not in self._memos:
+            if len(self._memos) > 16:
+                self._memos.clear()
+            self._memos[key] = make()
+        return self._memos[key]
+
+
+def _indices(layer: _Layer, positions: list[int]) -> mx.array:
+    """[slots, 1, 1, 1]: where each slot's new position goes in `layer`'s buffers."""
+    return mx.array([layer.index(p) for p in positions], dtype=mx.int32).reshape(-1, 1, 1, 1)
 
 
 def _round_up(n: int) -> int:

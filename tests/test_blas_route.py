@@ -110,24 +110,31 @@ def _cpu_seconds_idle_after_threaded_product(seconds: float = 0.06) -> float:
     return time.process_time() - start
 
 
+def _idle_cpu_in_a_new_process(environment: dict[str, str]) -> tuple[float, str | None]:
+    """(idle CPU seconds after a threaded product, OPENBLAS_THREAD_TIMEOUT once gemma_mlx is
+    imported) in a fresh process with `environment`."""
+    code = (
+        "import os, gemma_mlx, tests.test_blas_route as t; "
+        "print(min(t._cpu_seconds_idle_after_threaded_product() for _ in range(3)), "
+        f"os.environ.get({_platform.THREAD_TIMEOUT_ENV!r}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=environment, capture_output=True, text=True,
+        check=True, cwd=Path(__file__).parent.parent,
+    )  # fmt: skip
+    seconds, timeout = out.stdout.split()[-2:]
+    return float(seconds), None if timeout == "None" else timeout
+
+
 @pytest.mark.skipif(os.cpu_count() == 1, reason="OpenBLAS runs no threads of its own on 1 core")
 def test_openblas_threads_sleep_between_products():
     """gemma_mlx loads OpenBLAS with a short thread timeout: after a product its threads sleep
     instead of spinning for the next one (~0.1 s by default), which would take a core from
-    MLX's own threads. The same product in a process where the caller asked for OpenBLAS's
-    default (OPENBLAS_THREAD_TIMEOUT=28) spins, which shows the check can fail."""
-    assert (
-        _platform.THREAD_TIMEOUT_ENV not in os.environ
-        or os.environ[_platform.THREAD_TIMEOUT_ENV] != _platform.THREAD_TIMEOUT
-    ), "the environment is left as the caller set it"
-    assert min(_cpu_seconds_idle_after_threaded_product() for _ in range(3)) < 0.02
-    code = (
-        "import gemma_mlx, tests.test_blas_route as t; "
-        "print(min(t._cpu_seconds_idle_after_threaded_product() for _ in range(3)))"
-    )
-    env = dict(os.environ, OPENBLAS_THREAD_TIMEOUT="28")
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
-        cwd=Path(__file__).parent.parent,
-    )  # fmt: skip
-    assert float(out.stdout.split()[-1]) > 0.03
+    MLX's own threads; the environment is left as it was. A caller's own setting is kept:
+    with OpenBLAS's default (OPENBLAS_THREAD_TIMEOUT=28) the threads spin, which also shows
+    the check can fail."""
+    unset = {k: v for k, v in os.environ.items() if k != _platform.THREAD_TIMEOUT_ENV}
+    seconds, timeout = _idle_cpu_in_a_new_process(unset)
+    assert seconds < 0.02 and timeout is None
+    seconds, timeout = _idle_cpu_in_a_new_process(unset | {_platform.THREAD_TIMEOUT_ENV: "28"})
+    assert seconds > 0.03 and timeout == "28"

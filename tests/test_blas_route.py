@@ -47,11 +47,14 @@ def call_sgemm(m, n, k, alpha, a, ta, b, tb, beta, c) -> None:
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("m,n", [(1, 37), (29, 1), (1, 1), (3, 5), (8, 300), (5, 6000), (9, 40)])
+@pytest.mark.parametrize(
+    "m,n", [(1, 37), (29, 1), (1, 1), (3, 5), (4, 6000), (8, 300), (8, 50000), (9, 40)]
+)
 def test_every_layout_matches_numpy(m: int, n: int):
     """Row and column products (sgemv), few-row ones (our kernel when B is a row-major weight;
-    6000 columns split across threads), a 9-row one (sgemm), with padded leading dimensions,
-    both transposes, alpha, and beta zero (over NaN) or not; k = 23 leaves a vector tail."""
+    6000 and 50000 columns split across threads; 8 rows of a small weight go to sgemm), a 9-row
+    one (sgemm), with padded leading dimensions, both transposes, alpha, and beta zero (over
+    NaN) or not; k = 23 leaves a vector tail."""
     rng = np.random.default_rng(0)
     k = 23
     for ta, tb, beta in itertools.product((False, True), (False, True), (0.0, 0.5)):
@@ -80,24 +83,29 @@ def product_counts(fn) -> tuple[tuple[int, ...], object]:
 
 def test_mlx_products_reach_the_router():
     """MLX's matmuls reach the router: a row times a weight (as `nn.Linear` decodes) is one
-    sgemv, 4 rows (a verify) one few-row product, a 16-row prompt chunk one sgemm, each equal to
-    numpy; routing off sends a row to sgemm."""
+    sgemv, 4 rows (a verify) one few-row product, 8 rows one few-row product of a large weight
+    and one sgemm of a small (cache-resident) one, a 16-row prompt chunk one sgemm, each equal
+    to numpy; routing off sends a row to sgemm."""
     rng = np.random.default_rng(1)
-    w = rng.standard_normal((300, 64)).astype(np.float32)
     x = rng.standard_normal((16, 64)).astype(np.float32)
-    w_mx, x_mx = mx.array(w), mx.array(x)
-    mx.eval(w_mx, x_mx)
+    x_mx = mx.array(x)
+    small = rng.standard_normal((300, 64)).astype(np.float32)
+    large = rng.standard_normal((2**20 // 64, 64)).astype(np.float32)  # 2^20 values
     cases = (
-        (True, 1, (1, 0, 0)),
-        (True, 4, (0, 1, 0)),
-        (True, 16, (0, 0, 1)),
-        (False, 1, (0, 0, 1)),
+        (True, 1, small, (1, 0, 0)),
+        (True, 4, small, (0, 1, 0)),
+        (True, 8, small, (0, 0, 1)),
+        (True, 8, large, (0, 1, 0)),
+        (True, 16, small, (0, 0, 1)),
+        (False, 1, small, (0, 0, 1)),
     )
-    for routing, rows, want in cases:
+    for routing, rows, w, want in cases:
+        w_mx = mx.array(w)
+        mx.eval(w_mx, x_mx)
         with _platform.few_row_routing_set(routing):
-            counts, out = product_counts(lambda r=rows: np.array(x_mx[:r] @ w_mx.T))
-        assert counts == want, f"{routing=} {rows=}"
-        np.testing.assert_allclose(out, x[:rows].astype(np.float64) @ w.T, rtol=1e-5, atol=1e-5)
+            counts, out = product_counts(lambda r=rows, w_mx=w_mx: np.array(x_mx[:r] @ w_mx.T))
+        assert counts == want, f"{routing=} {rows=} {w.shape=}"
+        np.testing.assert_allclose(out, x[:rows].astype(np.float64) @ w.T, rtol=1e-4, atol=1e-4)
 
 
 def _cpu_seconds_idle_after_threaded_product(seconds: float = 0.06) -> float:

@@ -19,7 +19,7 @@ import mlx.core as mx
 
 from gemma_mlx.errors import PromptError
 from gemma_mlx.options import check_int
-from gemma_mlx.sample import LogitsProcessor, Sampler
+from gemma_mlx.sample import LogitsProcessor, Sampler, greedy
 
 ProgressCallback = Callable[[int, int], None]
 # A token generator's signature (generate_tokens and its drafting counterparts): (model, prompt,
@@ -51,10 +51,20 @@ def context_length(model: Any) -> int | None:
 
 def log_softmax(logits: mx.array) -> mx.array:
     """Log-probabilities in float32 whatever the model's dtype: in bfloat16 `logits - logsumexp`
-    rounds nearby logits of a flat row to one value, and greedy's argmax then takes the lower id
-    where the logits themselves differ (and differs from a speculative verify's argmax)."""
+    rounds nearby logits of a flat row to one value, which a sampler's filters would then tie."""
     logits = logits.astype(mx.float32)
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def pick(sampler: Sampler, logits: mx.array) -> tuple[mx.array, mx.array]:
+    """The tokens `sampler` picks from `logits` [B, V], and the log-probabilities [B, V].
+
+    Greedy takes the argmax of the logits themselves, as transformers and a speculative verify
+    do (`logits - logsumexp` can round two float32 logits that differ to one value), so its
+    log-probabilities stay lazy: nothing computes their exp over the vocabulary unless they
+    are read (a 262,144-entry row costs more than the argmax on a CPU)."""
+    logprobs = log_softmax(logits)
+    return (mx.argmax(logits, axis=-1) if sampler is greedy else sampler(logprobs)), logprobs
 
 
 def _accepts_logits_to_keep(model: Any) -> bool:
@@ -153,15 +163,15 @@ def generate_tokens(
             history = mx.concatenate([history, token])
             for processor in logits_processors:
                 logits = processor(history, logits)
-        logprobs = log_softmax(logits)
-        return sampler(logprobs), logprobs[0]
+        token, logprobs = pick(sampler, logits)
+        return token, logprobs[0]
 
     y, logprobs = step(mx.array(prompt[-1:], dtype=mx.int32))
-    mx.async_eval(y, logprobs)
+    mx.async_eval(y)
     for n in range(max_tokens):
         if n + 1 < max_tokens:
             next_y, next_logprobs = step(y)
-            mx.async_eval(next_y, next_logprobs)
+            mx.async_eval(next_y)
         if n == 0:
             prompt_done()
         yield TokenStep(int(y.item()), logprobs)

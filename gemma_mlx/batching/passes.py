@@ -63,7 +63,7 @@ class Choice:
 
 def choose(feeds: list[Feed], logits: mx.array) -> list[Choice]:
     """Each decoding sequence's token (its processors, then its sampler; greedy rows in one
-    argmax), or its verify of its drafts."""
+    argmax of their logits), or its verify of its drafts."""
     choices, plain, row = [], [], 0
     for f in feeds:
         rows = logits[row : row + f.tokens.shape[0]]
@@ -82,8 +82,8 @@ def choose(feeds: list[Feed], logits: mx.array) -> list[Choice]:
             stacked = logits  # every row, one per sequence, as the model gave it
         else:
             stacked = mx.concatenate([p for _, _, p in plain])
-        logprobs = log_softmax(stacked)
-        best = mx.argmax(logprobs, axis=-1).astype(mx.int32)
+        logprobs = log_softmax(stacked)  # lazy for greedy rows: see `decode.pick`
+        best = mx.argmax(stacked, axis=-1).astype(mx.int32)
         for i, (f, first_row, _) in enumerate(plain):
             lp = logprobs[i : i + 1]
             s = f.sequence

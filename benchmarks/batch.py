@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -220,8 +221,9 @@ def markdown(
     tokens: int,
     loads: tuple[float, float],
     repeats: int = 1,
+    arguments: Sequence[str] = (),
 ) -> str:
-    command = "python -m benchmarks.batch" + (f" --repeats {repeats}" if repeats > 1 else "")
+    command = shlex.join(["python", "-m", "benchmarks.batch", *arguments])
     best = f"; the fastest of {repeats} alternating runs of each engine" if repeats > 1 else ""
     lines = [
         "# Continuous batching: aggregate decode tokens/s, gemma_mlx against mlx-lm",
@@ -313,7 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     loads = (load_at_start, os.getloadavg()[0])
-    text = markdown(machine, table, spec, args.tokens, loads, args.repeats)
+    arguments = sys.argv[1:] if argv is None else argv
+    text = markdown(machine, table, spec, args.tokens, loads, args.repeats, arguments)
     out = args.out or RESULTS / f"batch-{machine.label}.md"
     write_file_atomically(out, lambda path: path.write_text(text), force=True)
     print(text)

@@ -13,7 +13,11 @@
  *     5..SMALL_M rows of a weight under CACHED_WEIGHTS values, which stays in cache between
  *     steps and where sgemm's blocking beats streaming (31B-like 448 x 1792 at 8 rows: ~195 vs
  *     ~310 us; batch 8 of that model +15-20% tokens/s, the 270M's batch 8 unchanged);
- *   - everything else: the backend's sgemm unchanged.
+ *   - everything else: the backend's sgemm, on one thread when the product is small (under
+ *     SINGLE_THREAD_WORK multiply-adds): between two products OpenBLAS's helper thread goes to
+ *     sleep, and waking it and splitting the work costs more than the half it would take
+ *     (tiny E2B-like batch 16, whose products are 0.5-2 M multiply-adds: a forward pass ~10%
+ *     faster); larger ones keep OpenBLAS's threads.
  * MLX's output buffers are uninitialised; neither path reads C when beta is 0 (tested with
  * NaN-filled outputs).
  *
@@ -27,6 +31,7 @@
 enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
 enum { SMALL_M = 8, MAX_THREADS = 16, MIN_WEIGHTS_PER_THREAD = 1 << 16 };
 enum { BLOCKED_M = 5, CACHED_WEIGHTS = 1 << 20 }; /* see the rule above */
+enum { SINGLE_THREAD_WORK = 1 << 22 };              /* m * n * k */
 
 typedef void (*sgemm_fn)(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
                          const float *a, int lda, const float *b, int ldb, float beta, float *c,
@@ -36,13 +41,20 @@ typedef void (*sgemv_fn)(int order, int trans, int m, int n, float alpha, const 
 
 static sgemm_fn backend_sgemm;
 static sgemv_fn backend_sgemv;
+typedef void (*set_threads_fn)(int threads);
+typedef int (*get_threads_fn)(void);
+static set_threads_fn backend_set_threads; /* NULL: the backend cannot be held to one thread */
+static get_threads_fn backend_get_threads;
 static int routing;
 static int64_t calls[3]; /* sgemv, few-row kernel, sgemm */
 
-/* Bind to a backend's sgemm and sgemv; `route` = 0 forwards every product to sgemm. */
-void gemma_blas_bind(void *sgemm, void *sgemv, int route) {
+/* Bind to a backend's sgemm, sgemv and thread-count functions (`set_threads`/`get_threads`
+ * may be NULL); `route` = 0 forwards every product to sgemm as it is. */
+void gemma_blas_bind(void *sgemm, void *sgemv, void *set_threads, void *get_threads, int route) {
     backend_sgemm = (sgemm_fn)sgemm;
     backend_sgemv = (sgemv_fn)sgemv;
+    backend_set_threads = set_threads && get_threads ? (set_threads_fn)set_threads : NULL;
+    backend_get_threads = (get_threads_fn)get_threads;
     __atomic_store_n(&routing, route, __ATOMIC_SEQ_CST);
 }
 
@@ -172,5 +184,10 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
         return;
     }
     __atomic_fetch_add(&calls[2], 1, __ATOMIC_RELAXED);
+    const int threads = route && backend_set_threads && (int64_t)m * n * k < SINGLE_THREAD_WORK
+                            ? backend_get_threads()
+                            : 1;
+    if (threads > 1) backend_set_threads(1);
     backend_sgemm(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    if (threads > 1) backend_set_threads(threads);
 }

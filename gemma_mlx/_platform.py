@@ -57,19 +57,20 @@ def _router_path() -> str | None:
     return spec.origin if spec is not None else None
 
 
-def _blas_functions(lib: ctypes.CDLL) -> tuple[str, int, int] | None:
-    """(symbol prefix, address of sgemm, address of sgemv) in an OpenBLAS, or None."""
+def _blas_functions(lib: ctypes.CDLL) -> tuple[str, list[int | None]] | None:
+    """(symbol prefix, addresses of sgemm, sgemv, set_num_threads, get_num_threads) in an
+    OpenBLAS (None for a missing thread function), or None."""
     for prefix in _SYMBOL_PREFIXES:
-        try:
-            sgemm = getattr(lib, f"{prefix}cblas_sgemm")
-            sgemv = getattr(lib, f"{prefix}cblas_sgemv")
-        except AttributeError:
-            continue
-        return (
-            prefix,
-            ctypes.cast(sgemm, ctypes.c_void_p).value,
-            ctypes.cast(sgemv, ctypes.c_void_p).value,
+        names = (
+            "cblas_sgemm",
+            "cblas_sgemv",
+            "openblas_set_num_threads",
+            "openblas_get_num_threads",
         )
+        found = [getattr(lib, prefix + name, None) for name in names]
+        if found[0] is None or found[1] is None:
+            continue
+        return prefix, [None if f is None else ctypes.cast(f, ctypes.c_void_p).value for f in found]
     return None
 
 
@@ -115,12 +116,10 @@ def _preload_blas() -> str:
         found = _blas_functions(lib)
         if found is None:
             continue
-        prefix, sgemm, sgemv = found
+        prefix, functions = found
         if router_path is not None:
             _router = ctypes.CDLL(router_path, mode=ctypes.RTLD_GLOBAL)
-            _router.gemma_blas_bind(
-                ctypes.c_void_p(sgemm), ctypes.c_void_p(sgemv), int(few_row_routing)
-            )
+            _router.gemma_blas_bind(*map(ctypes.c_void_p, functions), int(few_row_routing))
             products = (
                 "products of 1-8 rows routed" if few_row_routing else f"routing off ({ROUTE_ENV})"
             )

@@ -17,7 +17,8 @@ def test_table_for_a_tiny_model(tmp_path):
     assert [row.split(" | ")[1] for row in rows] == ["1", "3"]
     assert all(row.rstrip(" |").endswith("yes") for row in rows)  # same tokens as mlx-lm
     assert "| 26B-A4B |" in out.read_text()  # the cost model's batch table
-    assert "`python -m benchmarks.batch --repeats 2`" in out.read_text()
+    command = " ".join(["python -m benchmarks.batch", *argv, "--out", str(out)])
+    assert f"Command: `{command}`" in out.read_text()  # the whole command, to rerun it
 
 
 @pytest.mark.parametrize(

@@ -10,12 +10,15 @@ request that could not fit even alone is refused when it is submitted.
 
 from __future__ import annotations
 
+import gc
+
 import mlx.core as mx
 import pytest
 from batch_helpers import byte_tokenizer, random_prompts, solo_tokens
 from speculative_helpers import random_target
 
 from gemma_mlx.batching.memory import sequence_kv_bytes
+from gemma_mlx.batching.passes import Choice
 from gemma_mlx.batching.scheduler import BatchScheduler
 from gemma_mlx.errors import OptionError
 
@@ -79,3 +82,20 @@ def test_a_request_too_large_for_the_budget_is_refused(setup):
     with pytest.raises(OptionError, match="more than kv_budget"):
         scheduler.submit(prompts[0], 300)
     assert not scheduler.has_work
+
+
+def test_a_long_decode_keeps_no_finished_pass_alive(setup):
+    """Each pass's decisions (and through them its logits: [rows, vocab] a step, 16 MB at batch
+    16 on a 262k vocabulary) are let go once read: the number of live `Choice`s stays bounded by
+    the batch, not by the steps run. (Feeds once held their queued choice, and every choice its
+    feed: a chain through every pass.)"""
+    model, tokenizer, prompts = setup
+    scheduler = BatchScheduler(model, tokenizer, prefill_step_size=CHUNK, kv_budget=2**40)
+    for p in prompts[:4]:
+        scheduler.submit(p[:40], 24)
+    live = []
+    while scheduler.has_work:
+        scheduler.step()
+        gc.collect()
+        live.append(sum(type(o) is Choice for o in gc.get_objects()))
+    assert len(live) > 20 and max(live) <= 3 * 4, live

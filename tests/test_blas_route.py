@@ -8,11 +8,13 @@ own matmuls counted as they pass through it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -146,3 +148,45 @@ def test_openblas_threads_sleep_between_products():
     assert seconds < 0.02 and timeout is None
     seconds, timeout = _idle_cpu_in_a_new_process(unset | {_platform.THREAD_TIMEOUT_ENV: "28"})
     assert seconds > 0.03 and timeout == "28"
+
+
+def _other_threads_cpu_ns() -> int:
+    """CPU nanoseconds run so far by this process's threads but the calling one."""
+    me = threading.get_native_id()
+    total = 0
+    for task in Path("/proc/self/task").iterdir():
+        if int(task.name) != me:
+            with contextlib.suppress(OSError):  # a thread that just ended
+                total += int((task / "schedstat").read_text().split()[0])
+    return total
+
+
+def _helper_cpu_ns(m: int, n: int, k: int, repeats: int = 100) -> int:
+    """CPU time OpenBLAS's helper threads (any thread but this one) spend on `repeats` m x k
+    by k x n products, called from this thread through the router (after a pause in which
+    earlier work settles)."""
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((n, k), np.float32)
+    c = np.empty((m, n), np.float32)
+    time.sleep(0.05)
+    before = _other_threads_cpu_ns()
+    for _ in range(repeats):
+        call_sgemm(m, n, k, 1.0, a, False, b, True, 0.0, c)
+    spent = _other_threads_cpu_ns() - before
+    want = np.einsum("mk,nk->mn", a.astype(np.float64), b)  # numpy's loops: no BLAS threads
+    np.testing.assert_allclose(c, want, rtol=1e-4, atol=1e-3)
+    return spent
+
+
+@pytest.mark.skipif(os.cpu_count() == 1, reason="OpenBLAS runs no threads of its own on 1 core")
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux's /proc")
+def test_small_sgemm_products_stay_on_the_calling_thread():
+    """Products under SINGLE_THREAD_WORK multiply-adds run on the calling thread only (waking
+    OpenBLAS's sleeping helper costs more than it saves there); larger ones still use the
+    helper threads afterwards, so the thread count was put back. With routing off OpenBLAS
+    threads the small one too, which shows the check can fail."""
+    small, large = (16, 512, 128), (256, 1024, 512)  # 1 M and 134 M multiply-adds
+    assert _helper_cpu_ns(*small) < 1_000_000  # 1 ms over 100 products
+    assert _helper_cpu_ns(*large) > 5_000_000
+    with _platform.few_row_routing_set(False):
+        assert _helper_cpu_ns(*small) > 1_000_000

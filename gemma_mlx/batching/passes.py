@@ -3,9 +3,10 @@ handing the decision back to the sequence.
 
 A `Pass` is one batched forward pass: its `Feed`s (a sequence's prefill chunk, or its newest
 token and drafts) and, for every decoding sequence, a lazy `Choice`: its token (its logits
-processors, then its sampler; greedy rows in one argmax), or the verify of its drafts. `commit`
-reads a choice's values into the sequence: its tokens, and after a verify the rollback of its
-caches and the update of its drafter.
+processors, then its sampler; greedy rows in one argmax), or the verify of its drafts. `read`
+brings every choice of a pass to the host at once; `commit` hands a choice's values to the
+sequence: its tokens, and after a verify the rollback of its caches and the update of its
+drafter. `pass_inputs` feeds a queued pass's tokens to the next one without reading them.
 """
 
 from __future__ import annotations
@@ -29,7 +30,11 @@ class Feed:
     tokens: mx.array
     prefill: bool = False
     proposal: Proposal | None = None  # drafting sequences (possibly no drafts)
-    history: list[int] | None = None  # decoding: the committed tokens before `tokens`
+    history: list[int] | None = None  # decoding with processors: committed tokens before these
+    # `tokens` is row i of (array, i), the tokens a queued pass chooses, not read yet. The
+    # array, not that pass's `Choice`: a choice holds its feed, so feeds holding choices would
+    # chain every pass (and its logits) to the next.
+    after: tuple[mx.array, int] | None = None
 
     @property
     def segment(self) -> Segment:
@@ -53,12 +58,23 @@ class Pass:
 @dataclass
 class Choice:
     """What a decoding sequence's rows decide, lazily: `result` is [token] for plain decoding,
-    [accepted, *drafts, token] for a verify; `logprobs` [rows, V] of the processed logits."""
+    [accepted, *drafts, token] for a verify; `logprobs` [rows, V] of the processed logits.
+    The plain choices of a pass share one array of tokens and one of log-probabilities
+    (`values` and `logprobs`, theirs at row `at`), so that the pass is read, and the next one
+    fed, without a slice per sequence."""
 
     feed: Feed
     first_row: int
     logprobs: mx.array
-    result: mx.array
+    values: mx.array
+    at: int = 0
+    size: int = 1
+
+    @property
+    def result(self) -> mx.array:
+        if self.at == 0 and self.size == self.values.shape[0]:
+            return self.values
+        return self.values[self.at : self.at + self.size]
 
 
 def choose(feeds: list[Feed], logits: mx.array) -> list[Choice]:
@@ -73,7 +89,7 @@ def choose(feeds: list[Feed], logits: mx.array) -> list[Choice]:
             plain.append((f, row, processed))
         else:
             result = s.draft.verify(processed, f.proposal)
-            choices.append(Choice(f, row, log_softmax(processed), result))
+            choices.append(Choice(f, row, log_softmax(processed), result, size=result.shape[0]))
         row += f.tokens.shape[0]
     if plain:
         if len(plain) == len(feeds) == logits.shape[0] and not any(
@@ -83,13 +99,50 @@ def choose(feeds: list[Feed], logits: mx.array) -> list[Choice]:
         else:
             stacked = mx.concatenate([p for _, _, p in plain])
         logprobs = log_softmax(stacked)  # lazy for greedy rows: see `decode.pick`
-        best = mx.argmax(stacked, axis=-1).astype(mx.int32)
+        tokens = mx.argmax(stacked, axis=-1).astype(mx.int32)
+        if not all(f.sequence.is_greedy for f, _, _ in plain):
+            tokens = mx.concatenate(
+                [
+                    tokens[i : i + 1]
+                    if f.sequence.is_greedy
+                    else f.sequence.sampler(logprobs[i : i + 1]).astype(mx.int32)
+                    for i, (f, _, _) in enumerate(plain)
+                ]
+            )
         for i, (f, first_row, _) in enumerate(plain):
-            lp = logprobs[i : i + 1]
-            s = f.sequence
-            token = best[i : i + 1] if s.is_greedy else s.sampler(lp).astype(mx.int32)
-            choices.append(Choice(f, first_row, lp, token))
+            choices.append(Choice(f, first_row, logprobs, tokens, at=i))
     return choices
+
+
+def value_arrays(choices: list[Choice]) -> list[mx.array]:
+    """The arrays holding the choices' values, each once."""
+    return list({id(c.values): c.values for c in choices}.values())
+
+
+def read(choices: list[Choice]) -> list[list[int]]:
+    """Every choice's values, with one host synchronization (none without choices)."""
+    arrays = value_arrays(choices)
+    if not arrays:
+        return []
+    flat = (arrays[0] if len(arrays) == 1 else mx.concatenate(arrays)).tolist()
+    starts, start = {}, 0
+    for a in arrays:
+        starts[id(a)] = start
+        start += a.shape[0]
+    offsets = [starts[id(c.values)] + c.at for c in choices]
+    return [flat[o : o + c.size] for o, c in zip(offsets, choices, strict=True)]
+
+
+def pass_inputs(feeds: list[Feed]) -> mx.array:
+    """The tokens a pass feeds [rows]: when every row is the token a queued pass chooses, in
+    the order it chose them, that pass's own array of tokens (no slices, no concatenation)."""
+    first = feeds[0].after
+    if first is not None and len(feeds) == first[0].shape[0]:
+        values = first[0]
+        if all(f.after is not None and f.after[0] is values and f.after[1] == i
+               for i, f in enumerate(feeds)):  # fmt: skip
+            return values
+    return mx.concatenate([f.tokens for f in feeds])
 
 
 def commit(
@@ -100,7 +153,7 @@ def commit(
     s = choice.feed.sequence
     proposal = choice.feed.proposal
     if proposal is None:
-        steps = [TokenStep(values[0], choice.logprobs[0])]
+        steps = [TokenStep(values[0], choice.logprobs[choice.at])]
         return [(s.uid, r) for r in s.commit(steps)]
     k, n = proposal.tokens.shape[0], values[0]
     for c in s.cache:

@@ -41,7 +41,15 @@ from gemma_mlx.batching.memory import (
     pooled_kv_bytes,
     sequence_kv_bytes,
 )
-from gemma_mlx.batching.passes import Feed, Pass, choose, commit
+from gemma_mlx.batching.passes import (
+    Feed,
+    Pass,
+    choose,
+    commit,
+    pass_inputs,
+    read,
+    value_arrays,
+)
 from gemma_mlx.batching.sequence import BatchSequence
 from gemma_mlx.batching.speculation import SequenceDraft, draft_planner
 from gemma_mlx.cache import (
@@ -321,7 +329,7 @@ class BatchScheduler:
         if not feeds:
             return None
         start = time.perf_counter()
-        inputs = mx.concatenate([f.tokens for f in feeds])
+        inputs = pass_inputs(feeds)
         logits, hidden = self.model.batched(inputs, [f.segment for f in feeds], return_hidden=True)
         choices = choose(decode_feeds, logits)
         for f in prefill_feeds:
@@ -329,27 +337,21 @@ class BatchScheduler:
             if self.on_prefilled is not None and not f.sequence.prefilling:
                 self.on_prefilled(f.sequence.uid, f.sequence.prompt[:-1], f.sequence.cache)
         for choice in choices:
-            choice.feed.sequence.scheduled(choice.result if choice.feed.proposal is None else None)
+            choice.feed.sequence.scheduled(choice if choice.feed.proposal is None else None)
         written = [c.state for f in prefill_feeds for c in f.sequence.cache]
-        mx.async_eval([c.result for c in choices], written)
+        mx.async_eval(value_arrays(choices), written)
         return Pass(decode_feeds, prefill_feeds, written, choices, hidden, inputs.shape[0], start)
 
     def _finish(self, done: Pass) -> list[tuple[int, GenerationResponse]]:
         """Read a pass's tokens (the one host sync of a step) and hand them out."""
-        results = [c.result for c in done.choices]
-        if results:
-            values = mx.concatenate(results).tolist()
-        else:
+        if not done.choices:
             mx.eval(done.written)
-            values = []
         out = []
-        for choice in done.choices:
-            size = choice.result.shape[0]
+        for choice, values in zip(done.choices, read(done.choices), strict=True):
             s = choice.feed.sequence
-            s.unschedule(choice.result)
+            s.unschedule(choice)
             if not s.finished:  # else it ended (or was cancelled) while this pass ran
-                out += commit(choice, values[:size], done.hidden)
-            values = values[size:]
+                out += commit(choice, values, done.hidden)
         now = time.perf_counter()
         seconds = now - max(done.start, self._last_read)  # passes overlap: count each second once
         self._last_read = now
@@ -381,10 +383,12 @@ class BatchScheduler:
         feeds = []
         for s in decoding:
             if s.pending is not None:  # the token the queued pass chooses
-                feeds.append(Feed(s, s.pending, history=list(s.tokens)))
+                history = list(s.tokens) if s.processors else None
+                after = (s.pending.values, s.pending.at)
+                feeds.append(Feed(s, s.pending.result, history=history, after=after))
                 continue
             last = mx.array(s.tokens[-1:], dtype=mx.int32)
-            history = s.tokens[:-1]
+            history = s.tokens[:-1] if s.processors else None
             if s.draft is None:
                 feeds.append(Feed(s, last, history=history))
             else:

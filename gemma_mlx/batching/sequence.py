@@ -58,7 +58,7 @@ class BatchSequence:
         self.prefilled = done  # prompt tokens in the caches while prefilling
         self.produced = 0
         self.in_flight = 0  # queued passes that decide its tokens, not read yet
-        self.pending: mx.array | None = None  # the lazy token of the last of them (plain)
+        self.pending: Any = None  # the last of them's `Choice` of its token (plain decoding)
         self.cancelled = False
         self.finish_reason: str | None = None
         self._pending: deque[TokenStep] = deque()
@@ -93,16 +93,17 @@ class BatchSequence:
         """Tokens it may still generate beyond those of queued passes."""
         return self.max_tokens - self.produced - self.in_flight
 
-    def scheduled(self, token: mx.array | None) -> None:
-        """A pass that decides its next token was queued; `token` is that (lazy) token when the
-        next pass may take it as input before it is read (plain decoding)."""
+    def scheduled(self, choice: Any) -> None:
+        """A pass that decides its next token was queued; `choice` is its (lazy) choice of that
+        token when the next pass may take it as input before it is read (plain decoding), else
+        None."""
         self.in_flight += 1
-        self.pending = token
+        self.pending = choice
 
-    def unschedule(self, token: mx.array) -> None:
-        """The pass that decided `token` was read."""
+    def unschedule(self, choice: Any) -> None:
+        """The pass that made `choice` was read."""
         self.in_flight -= 1
-        if self.pending is token:
+        if self.pending is choice:
             self.pending = None
 
     @property

@@ -517,5 +517,9 @@ def fault_point(stage: str) -> None:
     signal to this process when it reaches `stage`."""
     wanted = os.environ.get(FAULT_ENV, "")
     name, _, action = wanted.partition("=")
-    if name == stage and action in ("KILL", "TERM"):
-        os.kill(os.getpid(), getattr(signal, f"SIG{action}"))
+    if name == stage and action == "KILL":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif name == stage and action == "TERM":
+        # To the main thread: sent to the process it may land on another thread (MLX's,
+        # OpenBLAS's) and reach Python's handler only statements later.
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)

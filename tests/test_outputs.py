@@ -253,10 +253,12 @@ def test_termination_cleans_up_like_ctrl_c(tmp_path, signum):
     target = tmp_path / "out"
     with pytest.raises(Terminated) as stopped, staged_directory(target) as staging:
         write_model_like(staging)
-        os.kill(os.getpid(), signum)
+        signal.pthread_kill(threading.main_thread().ident, signum)  # not MLX's threads
     assert stopped.value.signum == signum
     with pytest.raises(Terminated):
-        write_file_atomically(tmp_path / "f", lambda p: os.kill(os.getpid(), signum))
+        write_file_atomically(
+            tmp_path / "f", lambda p: signal.pthread_kill(threading.main_thread().ident, signum)
+        )
     assert list(tmp_path.iterdir()) == []
     assert signal.getsignal(signum) is signal.SIG_DFL  # restored
 

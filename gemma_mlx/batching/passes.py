@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from gemma_mlx.batching.sequence import BatchSequence
-from gemma_mlx.decode import TokenStep, log_softmax
+from gemma_mlx.decode import TokenStep, log_softmax, pick
 from gemma_mlx.generate import GenerationResponse
 from gemma_mlx.ragged import Segment
+from gemma_mlx.sample import greedy
 from gemma_mlx.speculative import Proposal
 
 
@@ -98,8 +99,8 @@ def choose(feeds: list[Feed], logits: mx.array) -> list[Choice]:
             stacked = logits  # every row, one per sequence, as the model gave it
         else:
             stacked = mx.concatenate([p for _, _, p in plain])
-        logprobs = log_softmax(stacked)  # lazy for greedy rows: see `decode.pick`
-        tokens = mx.argmax(stacked, axis=-1).astype(mx.int32)
+        tokens, logprobs = pick(greedy, stacked)  # the other rows sample from `logprobs`
+        tokens = tokens.astype(mx.int32)
         if not all(f.sequence.is_greedy for f, _, _ in plain):
             tokens = mx.concatenate(
                 [

@@ -13,7 +13,8 @@ every sequence has its first token, over those steps' time (prompt processing ex
   as in mlx-lm's own process.
 The two alternate at each batch size, so a shared machine's load hits both alike; with
 `--repeats N` they alternate N times and each keeps its fastest run (other processes only ever
-slow a run down). On Linux a
+slow a run down); the table also gives the median and range of the ratio within each pair of
+runs, which a burst of load on a shared machine moves less than the fastest runs. On Linux a
 product of 1 row runs as sgemv, of 2-8 rows through our few-row kernel, of more as sgemm
 (`gemma_mlx/_blas_route.c`): batch 16 crosses into sgemm.
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -173,9 +175,23 @@ def run_mlx_lm(engine: MlxLmTwin, prompts: list[list[int]], tokens: int) -> Run:
         generator.close()
 
 
+@dataclass
+class Row:
+    """One batch size: each engine's fastest run, and the ratio of every alternating pair."""
+
+    batch: int
+    mine: Run
+    theirs: Run | None
+    pair_ratios: list[float]
+
+    @property
+    def ratio(self) -> float | None:
+        return self.mine.tps / self.theirs.tps if self.theirs and self.theirs.tps else None
+
+
 def throughput(
     source_dir: Path, batches: Sequence[int], tokens: int, with_mlx_lm: bool, repeats: int = 1
-) -> Iterator[tuple[int, Run, Run | None]]:
+) -> Iterator[Row]:
     ours = Ours(source_dir, prefill_step_size=512)
     ours.tokenizer = replace(ours.tokenizer, eos_token_ids=frozenset())  # never stop early
     peer = MlxLmTwin.of(ours, source_dir) if with_mlx_lm else None
@@ -192,7 +208,10 @@ def throughput(
             mine.append(run_ours(ours, prompts, tokens))
             if peer is not None:
                 theirs.append(run_mlx_lm(peer, prompts, tokens))
-        yield batch, fastest(mine), fastest(theirs) if theirs else None
+        ratios = (
+            [a.tps / b.tps for a, b in zip(mine, theirs, strict=True) if b.tps] if theirs else []
+        )
+        yield Row(batch, fastest(mine), fastest(theirs) if theirs else None, ratios)
 
 
 def fastest(runs: list[Run]) -> Run:
@@ -216,7 +235,7 @@ def speculative(source_dir: Path, tokens: int, batch: int = 4) -> tuple[Run, Run
 
 def markdown(
     machine,
-    table: dict[str, list[tuple[int, Run, Run | None]]],
+    table: dict[str, list[Row]],
     spec,
     tokens: int,
     loads: tuple[float, float],
@@ -224,7 +243,13 @@ def markdown(
     arguments: Sequence[str] = (),
 ) -> str:
     command = shlex.join(["python", "-m", "benchmarks.batch", *arguments])
-    best = f"; the fastest of {repeats} alternating runs of each engine" if repeats > 1 else ""
+    best = (
+        f"; the fastest of {repeats} alternating runs of each engine, and the median and range "
+        "of the ratio within each pair of runs (a slow moment of the machine hits one pair, not "
+        "the median)"
+        if repeats > 1
+        else ""
+    )
     lines = [
         "# Continuous batching: aggregate decode tokens/s, gemma_mlx against mlx-lm",
         "",
@@ -240,21 +265,28 @@ def markdown(
         "processes on the machine slow both engines; compare the columns of one row).",
         "",
         "| model | batch | gemma_mlx tok/s | x batch 1 | mlx-lm tok/s | gemma_mlx / mlx-lm "
-        "| peak GB ours / mlx-lm | same tokens |",
-        "|---|---|---|---|---|---|---|---|",
+        "| paired runs: median (range) | peak GB ours / mlx-lm | same tokens |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for model, rows in table.items():
-        base = rows[0][1].tps
-        for batch, mine, theirs in rows:
+        base = rows[0].mine.tps
+        for row in rows:
+            mine, theirs = row.mine, row.theirs
             peer = f"{theirs.tps:.1f}" if theirs else "-"
-            ratio = f"{mine.tps / theirs.tps:.2f}x" if theirs and theirs.tps else "-"
+            ratio = f"{row.ratio:.2f}x" if row.ratio is not None else "-"
+            pairs = sorted(row.pair_ratios)
+            paired = (
+                f"{statistics.median(pairs):.2f}x ({pairs[0]:.2f}-{pairs[-1]:.2f})"
+                if len(pairs) > 1
+                else "-"
+            )
             peaks = (
                 f"{mine.peak_gb:.2f} / {theirs.peak_gb:.2f}" if theirs else f"{mine.peak_gb:.2f}"
             )
             same = ("yes" if mine.outputs == theirs.outputs else "no") if theirs else "-"
             lines.append(
-                f"| {model} | {batch} | {mine.tps:.1f} | {mine.tps / base:.2f}x | {peer} "
-                f"| {ratio} | {peaks} | {same} |"
+                f"| {model} | {row.batch} | {mine.tps:.1f} | {mine.tps / base:.2f}x | {peer} "
+                f"| {ratio} | {paired} | {peaks} | {same} |"
             )
     if spec is not None:
         plain, drafted = spec
@@ -303,9 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     source.directory, batches, args.tokens, not args.no_mlx_lm, args.repeats
                 )
                 for row in rows:
-                    batch, mine, theirs = row
-                    peer = f", mlx-lm {theirs.tps:.1f}" if theirs else ""
-                    print(f"  batch {batch}: {mine.tps:.1f} tok/s{peer}", file=sys.stderr)
+                    peer = f", mlx-lm {row.theirs.tps:.1f}" if row.theirs else ""
+                    print(f"  batch {row.batch}: {row.mine.tps:.1f} tok/s{peer}", file=sys.stderr)
                     table[source.label].append(row)
         spec = None
         if not args.no_speculative:

@@ -3,6 +3,8 @@ from the same weights, and the table has a row per batch size; bad options exit 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from benchmarks import batch
@@ -16,6 +18,9 @@ def test_table_for_a_tiny_model(tmp_path):
     rows = [line for line in out.read_text().splitlines() if line.startswith("| tiny:e2b")]
     assert [row.split(" | ")[1] for row in rows] == ["1", "3"]
     assert all(row.rstrip(" |").endswith("yes") for row in rows)  # same tokens as mlx-lm
+    paired = r"\| (\d+\.\d\d)x \((\d+\.\d\d)-(\d+\.\d\d)\) \|"  # median (range) of 2 pairs
+    for median, low, high in (re.search(paired, row).groups() for row in rows):
+        assert float(low) <= float(median) <= float(high)
     assert "| 26B-A4B |" in out.read_text()  # the cost model's batch table
     command = " ".join(["python -m benchmarks.batch", *argv, "--out", str(out)])
     assert f"Command: `{command}`" in out.read_text()  # the whole command, to rerun it
